@@ -1,0 +1,39 @@
+# Two commands on a fresh Linux machine: `make demo` and `make test`. Both create .venv when missing and install
+# everything the project needs (the package, torch==2.13.0 for the PyTorch references, the NLTK WordNet data).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.diffchat-installed
+DEMO_WORKDIR ?= workdirs/demo-sft
+PYTEST_ARGS ?=
+
+.PHONY: install demo test bench nltk-data clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip setuptools wheel
+
+# Reinstalls when setup.py changes; torch first and pinned so nothing pulls a CUDA build.
+$(STAMP): setup.py | $(PY)
+	$(PY) -m pip install --quiet "torch==2.13.0"
+	$(PY) -m pip install --quiet -e ".[test]"
+	$(PY) -m diffchat_jax.text.nltk_data || echo "continuing without WordNet (see the warning above)"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+nltk-data: | $(PY)
+	$(PY) -m diffchat_jax.text.nltk_data
+
+demo: install
+	rm -rf $(DEMO_WORKDIR)
+	$(PY) -m diffchat_jax.main --config=configs/sft.py:tiny --workdir=$(DEMO_WORKDIR)
+
+test: install
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q $(PYTEST_ARGS)
+
+bench: install
+	$(PY) bench/sft_step.py
+
+clean:
+	rm -rf $(VENV) workdirs build *.egg-info

@@ -1,0 +1,39 @@
+"""Defaults shared by every mode. Each mode file (sft.py, ppo.py, ...) starts from `get_config()` here."""
+import ml_collections
+
+
+def get_config():
+    c = ml_collections.ConfigDict()
+    c.mode = ""  # set by the mode file: "sft", "ppo", ...
+    c.seed = 0
+    # Initialise jax.distributed (multi-host runs); single-host runs leave it off.
+    c.distributed = False
+
+    c.model = ml_collections.ConfigDict()
+    # A transformers BLOOM checkpoint: hub id or local folder (config.json + safetensors). Empty with
+    # `model.random` set = a randomly initialised model of that shape (tiny configs, tests).
+    c.model.name_or_path = "bigscience/bloom-1b1"
+    c.model.random = ml_collections.ConfigDict({"n_layer": 0, "hidden_size": 0, "n_head": 0})
+    c.model.compute_dtype = "bfloat16"  # activations; "float32" or "bfloat16" (the paper trains in bf16)
+    c.model.param_dtype = "float32"  # master weights stay fp32 for AdamW updates
+    c.model.remat = False  # recompute each block in the backward pass (saves memory on 1B+ models)
+
+    c.tokenizer = ml_collections.ConfigDict()
+    c.tokenizer.name_or_path = ""  # empty = the model's own tokenizer
+    # > 0: train a byte-level BPE of this vocabulary size on the training data and save it in the workdir
+    # (tiny configs; no download needed).
+    c.tokenizer.train_vocab_size = 0
+
+    c.data = ml_collections.ConfigDict()
+    c.data.train = ""  # InstructPE / InstructPix2Pix file (.json/.jsonl/.csv/.parquet) or hub dataset id
+    c.data.eval = ""  # optional separate eval file; empty = hold out `eval_fraction` of train
+    c.data.eval_fraction = 0.02
+    c.data.max_length = 384
+    c.data.max_chars = 2000  # rows with a longer field are bad rows
+    c.data.on_bad_row = "skip"  # "skip" (count and report) or "error" (stop at the first bad row)
+
+    c.log_every = 10
+    c.eval_every = 200
+    c.checkpoint_every = 500
+    c.keep_checkpoints = 3
+    return c
