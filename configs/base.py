@@ -36,4 +36,21 @@ def get_config():
     c.eval_every = 200
     c.checkpoint_every = 500
     c.keep_checkpoints = 3
+
+    # Content integrity (paper Listing 1): the CI reward, VCI's prefix CI and ADM's keywords. The decisions behind
+    # these knobs are documented in diffchat_jax/text/keywords.py and integrity.py.
+    c.ci = ml_collections.ConfigDict()
+    c.ci.threshold = 0.7  # CI below it rewards 0; evaluation reports CI before thresholding
+    # Penn tags whose words are keywords: nouns (incl. proper), adjectives, verbs (auxiliaries never count).
+    c.ci.candidate_pos = ("NN", "NNS", "NNP", "NNPS", "JJ", "JJR", "JJS", "VB", "VBD", "VBG", "VBN", "VBP", "VBZ")
+    c.ci.stop_list = True  # drop prompt boilerplate ("highly detailed", "8k", "artstation") from the keywords
+    c.ci.tagger = "auto"  # "auto" (nltk perceptron if its data is installed, else "pattern"), "perceptron", "pattern"
+
+    # ADM pi- (paper section 3.3): keyword removal / replacement plans for hard negatives (diffchat_jax/text/adm.py).
+    c.adm = ml_collections.ConfigDict()
+    c.adm.negative_fraction = 0.04  # probability that a sample becomes a negative
+    c.adm.remove_prob = 0.5  # per picked keyword: remove, else replace by a same-POS non-synonym keyword
+    c.adm.keywords_per_negative = 1
+    c.adm.max_sequences = 8  # K: ban / steer rows per sample (a keyword has up to ~6 spellings)
+    c.adm.max_tokens = 8  # L: tokens per row; longer spellings are not planned
     return c

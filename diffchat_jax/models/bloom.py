@@ -1,0 +1,409 @@
+"""BLOOM causal LM in flax.linen, numerically matching transformers' `BloomForCausalLM`.
+
+The param tree mirrors the HF state dict, so conversion is a renaming (Dense kernel = torch weight.T):
+
+    word_embeddings/embedding                  <-> [transformer.]word_embeddings.weight
+    word_embeddings_layernorm/{scale,bias}     <-> word_embeddings_layernorm.{weight,bias}
+    h_{i}/input_layernorm/{scale,bias}         <-> h.{i}.input_layernorm.{weight,bias}
+    h_{i}/self_attention/query_key_value/...   <-> h.{i}.self_attention.query_key_value.{weight,bias}
+    h_{i}/self_attention/dense, h_{i}/post_attention_layernorm, h_{i}/mlp/{dense_h_to_4h,dense_4h_to_h}: same
+    ln_f/{scale,bias}                          <-> ln_f.{weight,bias}
+    value_head/{kernel,bias}                   <-> value_head.{weight,bias}  (ours, in value_head.safetensors)
+
+Blocks are separate modules `h_0 ... h_{n-1}` (not a scan) so an optax mask can freeze blocks by name.
+The LM head is tied to the word embeddings; `lm_head.weight` in a checkpoint is ignored.
+"""
+import dataclasses
+import json
+import math
+import os
+from typing import Any, Mapping
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+from safetensors.numpy import load_file, save_file
+
+# HF BloomConfig defaults, used for keys a config.json leaves out.
+_HF_DEFAULTS = dict(vocab_size=250880, hidden_size=64, n_layer=2, n_head=8, layer_norm_epsilon=1e-5)
+
+
+@dataclasses.dataclass(frozen=True)
+class BloomConfig:
+    """Model sizes (HF field names) plus our knobs.
+
+    dtype: compute dtype (activations, matmuls); params keep their own dtype. Softmax, logits and values are
+        always float32.
+    value_head: add a scalar value head `value_head` on the final (post-ln_f) hidden states.
+    remat: rematerialise each block in the backward pass (jax.checkpoint), for memory.
+    """
+    vocab_size: int = _HF_DEFAULTS["vocab_size"]
+    hidden_size: int = _HF_DEFAULTS["hidden_size"]
+    n_layer: int = _HF_DEFAULTS["n_layer"]
+    n_head: int = _HF_DEFAULTS["n_head"]
+    layer_norm_epsilon: float = _HF_DEFAULTS["layer_norm_epsilon"]
+    apply_residual_connection_post_layernorm: bool = False
+    value_head: bool = False
+    dtype: Any = jnp.float32
+    remat: bool = False
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.n_head
+
+    @classmethod
+    def from_hf(cls, hf: Mapping[str, Any]) -> "BloomConfig":
+        """From a config.json dict. Accepts HF's aliases: `n_embed` (wins over `hidden_size`, as in HF),
+        `num_hidden_layers`, `num_attention_heads` (what bigscience/bloom-* config.json files use)."""
+        if not hf.get("tie_word_embeddings", True):
+            raise ValueError("BLOOM with an untied lm_head is not supported (tie_word_embeddings=False)")
+
+        def get(field, *keys):
+            """The first of `keys` (default: the field name) set in hf, else HF's default for the field."""
+            return next((hf[k] for k in keys or (field,) if hf.get(k) is not None), _HF_DEFAULTS[field])
+
+        return cls(
+            vocab_size=get("vocab_size"),
+            hidden_size=get("hidden_size", "n_embed", "hidden_size"),
+            n_layer=get("n_layer", "n_layer", "num_hidden_layers"),
+            n_head=get("n_head", "n_head", "num_attention_heads"),
+            layer_norm_epsilon=get("layer_norm_epsilon"),
+            apply_residual_connection_post_layernorm=bool(hf.get("apply_residual_connection_post_layernorm", False)),
+        )
+
+    def to_hf(self) -> dict[str, Any]:
+        """A config.json dict that `transformers.BloomConfig` accepts (no dtype: save_pretrained adds the params')."""
+        return dict(
+            architectures=["BloomForCausalLM"],
+            model_type="bloom",
+            vocab_size=self.vocab_size,
+            hidden_size=self.hidden_size,
+            n_layer=self.n_layer,
+            n_head=self.n_head,
+            layer_norm_epsilon=self.layer_norm_epsilon,
+            apply_residual_connection_post_layernorm=self.apply_residual_connection_post_layernorm,
+            tie_word_embeddings=True,
+        )
+
+
+@flax.struct.dataclass
+class KVCache:
+    """Per-layer keys and values, each a tuple of n_layer arrays [B, S_max, n_head, head_dim].
+
+    Separate arrays per layer (not one stacked array) so each decode step updates them in place without
+    re-stacking the whole cache.
+    """
+    k: tuple[jax.Array, ...]
+    v: tuple[jax.Array, ...]
+
+
+@flax.struct.dataclass
+class BloomOutput:
+    """logits [B, T, V] float32; values [B, T] float32 or None; cache: the updated KVCache or None.
+
+    `out[0]` is the logits (tuple-style access, like HF outputs).
+    """
+    logits: jax.Array
+    values: jax.Array | None = None
+    cache: KVCache | None = None
+
+    def __getitem__(self, i):
+        return (self.logits, self.values, self.cache)[i]
+
+
+def init_cache(config: BloomConfig, batch_size: int, max_length: int, dtype=None) -> KVCache:
+    """Zeros of shape n_layer x [batch_size, max_length, n_head, head_dim] (dtype defaults to config.dtype)."""
+    shape = (batch_size, max_length, config.n_head, config.head_dim)
+    zeros = lambda: tuple(jnp.zeros(shape, dtype or config.dtype) for _ in range(config.n_layer))
+    return KVCache(k=zeros(), v=zeros())
+
+
+def alibi_slopes(n_head: int) -> np.ndarray:
+    """[n_head] float32 ALiBi slopes exactly as HF: the geometric sequence for the largest power of two
+    p <= n_head, then for the remaining heads the odd terms of the sequence for 2p."""
+    p = 2 ** math.floor(math.log2(n_head))
+    base = np.float32(2 ** (-(2 ** -(math.log2(p) - 3))))
+    slopes = base ** np.arange(1, p + 1, dtype=np.float32)
+    if p != n_head:
+        extra_base = np.float32(2 ** (-(2 ** -(math.log2(2 * p) - 3))))
+        extra = extra_base ** np.arange(1, 1 + 2 * min(p, n_head - p), 2, dtype=np.float32)
+        slopes = np.concatenate([slopes, extra])
+    return slopes.astype(np.float32)
+
+
+def bloom_gelu(x: jax.Array) -> jax.Array:
+    """BLOOM's tanh-approximate GELU, with its rounded sqrt(2/pi) constant."""
+    return x * 0.5 * (1.0 + jnp.tanh(0.79788456 * x * (1.0 + 0.044715 * x * x)))
+
+
+def _dense(config: BloomConfig, features: int, name: str) -> nn.Dense:
+    # HF init: weights N(0, 0.02), zero biases.
+    return nn.Dense(features, dtype=config.dtype, kernel_init=nn.initializers.normal(0.02), name=name)
+
+
+def _layer_norm(config: BloomConfig, name: str) -> nn.LayerNorm:
+    return nn.LayerNorm(epsilon=config.layer_norm_epsilon, dtype=config.dtype, name=name)
+
+
+class Attention(nn.Module):
+    """Self-attention with ALiBi and HF's fused, per-head interleaved [q, k, v] projection."""
+    config: BloomConfig
+
+    @nn.compact
+    def __call__(self, x, alibi, mask, kv=None, cache_index=None):
+        """x [B, T, H]; alibi [B, N, S] float32; mask [B, T, S] bool (True = may attend);
+        kv: None (then S = T) or (k, v) each [B, S, N, D] to write the new keys/values into at cache_index.
+        Returns ([B, T, H], updated kv or None)."""
+        cfg = self.config
+        batch, length, _ = x.shape
+        qkv = _dense(cfg, 3 * cfg.hidden_size, "query_key_value")(x)
+        qkv = qkv.reshape(batch, length, cfg.n_head, 3, cfg.head_dim)
+        q, k, v = qkv[..., 0, :], qkv[..., 1, :], qkv[..., 2, :]  # [B, T, N, D]
+        if kv is not None:
+            k = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), (0, cache_index, 0, 0))
+            v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (0, cache_index, 0, 0))
+            kv = (k, v)
+        scores = jnp.einsum("btnd,bsnd->bnts", q, k.astype(cfg.dtype), preferred_element_type=jnp.float32)
+        scores = scores / math.sqrt(cfg.head_dim) + alibi[:, :, None, :]
+        # A finite fill, not -inf: fully masked rows (queries at left pads) get a uniform softmax instead of NaN.
+        scores = jnp.where(mask[:, None], scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(cfg.dtype)
+        out = jnp.einsum("bnts,bsnd->btnd", probs, v.astype(cfg.dtype)).reshape(batch, length, cfg.hidden_size)
+        return _dense(cfg, cfg.hidden_size, "dense")(out), kv
+
+
+class MLP(nn.Module):
+    config: BloomConfig
+
+    @nn.compact
+    def __call__(self, x):
+        """[B, T, H] -> [B, T, H]."""
+        h = bloom_gelu(_dense(self.config, 4 * self.config.hidden_size, "dense_h_to_4h")(x))
+        return _dense(self.config, self.config.hidden_size, "dense_4h_to_h")(h)
+
+
+class Block(nn.Module):
+    """Pre-LN transformer block; the residual is the LN output when apply_residual_connection_post_layernorm."""
+    config: BloomConfig
+
+    @nn.compact
+    def __call__(self, x, alibi, mask, kv=None, cache_index=None):
+        """x [B, T, H] -> ([B, T, H], updated kv or None); see Attention for the other arguments."""
+        post_ln_residual = self.config.apply_residual_connection_post_layernorm
+        h = _layer_norm(self.config, "input_layernorm")(x)
+        attn, kv = Attention(self.config, name="self_attention")(h, alibi, mask, kv, cache_index)
+        x = (h if post_ln_residual else x) + attn
+        h = _layer_norm(self.config, "post_attention_layernorm")(x)
+        x = (h if post_ln_residual else x) + MLP(self.config, name="mlp")(h)
+        return x, kv
+
+
+class Bloom(nn.Module):
+    """BLOOM causal LM (tied LM head) with an optional scalar value head. Deterministic: no dropout.
+
+    Full sequence: `__call__(input_ids [B, T] int32, attention_mask [B, T] int/bool)`. Padding may be anywhere
+    (typically on the left): pads are never attended and ALiBi positions are `cumsum(attention_mask) - 1` as in
+    HF, so the logits at the real tokens of a left-padded row equal those of the unpadded sequence.
+
+    Incremental decoding (KV cache), a fixed-shape protocol that a jitted lax.while_loop can carry:
+        cache = init_cache(config, B, S_max); each call passes cache, cache_index (int32 scalar, may be traced)
+        and new tokens input_ids [B, T]. The call writes their keys/values at slots [cache_index, cache_index + T)
+        (cache_index + T <= S_max is the caller's duty: jax clamps out-of-range writes silently).
+        attention_mask is then [B, S_max]: 1 at every slot written so far INCLUDING the new ones, 0 at pads and at
+        slots not yet written. Slot s is attended by the new token at slot q iff s <= q and attention_mask[s] = 1;
+        ALiBi positions are cumsum(attention_mask) - 1 over slots, so results equal the full-sequence call.
+        Usage: prefill a left-padded prompt [B, P] at cache_index 0 with mask [prompt_mask, 0...]; then for
+        slot i = P, P+1, ...: set mask[:, i] = 1 and call with input_ids [B, 1], cache_index i. The returned
+        logits [B, 1, V] equal the full-sequence logits at position i; BloomOutput.cache is the updated cache.
+    """
+    config: BloomConfig
+
+    @nn.compact
+    def __call__(self, input_ids, attention_mask, cache: KVCache | None = None, cache_index=None) -> BloomOutput:
+        cfg = self.config
+        if (cache is None) != (cache_index is None):
+            raise ValueError("pass cache and cache_index together")
+        length = input_ids.shape[1]
+        slots = length if cache is None else cache.k[0].shape[1]
+        if attention_mask.shape != (input_ids.shape[0], slots):
+            raise ValueError(f"attention_mask must be [B, {slots}] (the cache length when decoding), "
+                             f"got {attention_mask.shape}")
+
+        # ALiBi as HF adds it: slope * (key position). The query's own position would add a constant per row,
+        # which softmax ignores. Positions count real tokens only (a hole in the mask shifts later positions).
+        key_mask = attention_mask.astype(jnp.int32)
+        positions = (jnp.cumsum(key_mask, axis=-1) - 1) * key_mask  # [B, S]
+        alibi = jnp.asarray(alibi_slopes(cfg.n_head))[None, :, None] * positions[:, None, :].astype(jnp.float32)
+        query_slots = (0 if cache is None else cache_index) + jnp.arange(length)
+        causal = jnp.arange(slots)[None, :] <= query_slots[:, None]  # [T, S]
+        mask = causal[None] & (key_mask[:, None, :] > 0)  # [B, T, S]
+
+        embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=cfg.dtype,
+                         embedding_init=nn.initializers.normal(0.02), name="word_embeddings")
+        x = _layer_norm(cfg, "word_embeddings_layernorm")(embed(input_ids))
+        block = nn.remat(Block) if cfg.remat else Block
+        new_k, new_v = [], []
+        for i in range(cfg.n_layer):
+            kv = None if cache is None else (cache.k[i], cache.v[i])
+            x, kv = block(cfg, name=f"h_{i}")(x, alibi, mask, kv, cache_index)
+            if kv is not None:
+                new_k.append(kv[0])
+                new_v.append(kv[1])
+        x = _layer_norm(cfg, "ln_f")(x)
+
+        logits = jnp.einsum("bth,vh->btv", x, embed.embedding.astype(cfg.dtype), preferred_element_type=jnp.float32)
+        values = None
+        if cfg.value_head:
+            # Zero init: V = 0 everywhere at the start of PPO; the kernel still gets gradients.
+            head = nn.Dense(1, dtype=jnp.float32, kernel_init=nn.initializers.zeros, name="value_head")
+            values = head(x.astype(jnp.float32))[..., 0]
+        new_cache = None if cache is None else KVCache(k=tuple(new_k), v=tuple(new_v))
+        return BloomOutput(logits=logits, values=values, cache=new_cache)
+
+
+def init_params(config: BloomConfig, rng: jax.Array, seq_len: int = 8):
+    """Random params as HF initialises them (normal 0.02, zero biases, unit LN scales), float32."""
+    ids = jnp.zeros((1, seq_len), jnp.int32)
+    return Bloom(config).init(rng, ids, jnp.ones_like(ids))["params"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# HF state dict <-> Flax params.
+# ----------------------------------------------------------------------------------------------------------
+# HF leaf name -> Flax leaf name, by module kind. Dense kernels are the transposed torch weights.
+_LEAVES = {
+    "embed": {"weight": "embedding"},
+    "norm": {"weight": "scale", "bias": "bias"},
+    "dense": {"weight": "kernel", "bias": "bias"},
+}
+
+
+def _kind(module: str) -> str:
+    if module == "word_embeddings":
+        return "embed"
+    return "norm" if module.endswith("layernorm") or module == "ln_f" else "dense"
+
+
+def _hf_key_to_path(key: str) -> tuple[str, ...]:
+    """'transformer.h.3.mlp.dense_h_to_4h.weight' -> ('h_3', 'mlp', 'dense_h_to_4h', 'kernel')."""
+    *modules, leaf = key.removeprefix("transformer.").split(".")
+    if modules[:1] == ["h"] and len(modules) > 1:
+        modules = [f"h_{modules[1]}"] + modules[2:]
+    try:
+        return (*modules, _LEAVES[_kind(modules[-1])][leaf])
+    except (KeyError, IndexError):
+        raise ValueError(f"unexpected tensor {key!r} in a BLOOM checkpoint") from None
+
+
+def _path_to_hf_key(path: tuple[str, ...]) -> str:
+    """Inverse of _hf_key_to_path, with the `transformer.` prefix of BloomForCausalLM (not on value_head)."""
+    *modules, leaf = path
+    hf_leaf = {v: k for k, v in _LEAVES[_kind(modules[-1])].items()}[leaf]
+    if modules[0].startswith("h_"):
+        modules = ["h", modules[0][2:]] + modules[1:]
+    prefix = "" if modules[0] == "value_head" else "transformer."
+    return prefix + ".".join([*modules, hf_leaf])
+
+
+def hf_to_params(state: Mapping[str, np.ndarray]) -> dict:
+    """HF state dict (keys with or without `transformer.`; `lm_head.weight` ignored) -> nested Flax params."""
+    flat = {}
+    for key, x in state.items():
+        if key == "lm_head.weight":
+            continue  # tied to word_embeddings
+        path = _hf_key_to_path(key)
+        flat[path] = x.T if path[-1] == "kernel" else x
+    return traverse_util.unflatten_dict(flat)
+
+
+def params_to_hf(params) -> dict[str, np.ndarray]:
+    """Nested Flax params -> HF state dict (`transformer.`-prefixed; `value_head.*` if present), numpy."""
+    flat = traverse_util.flatten_dict(jax.device_get(params))
+    return {_path_to_hf_key(path): np.ascontiguousarray(x.T if path[-1] == "kernel" else x)
+            for path, x in flat.items()}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Checkpoint files.
+# ----------------------------------------------------------------------------------------------------------
+def _read_safetensors(folder: str) -> dict[str, np.ndarray]:
+    """model.safetensors, or the shards listed in model.safetensors.index.json."""
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+    elif os.path.exists(os.path.join(folder, "model.safetensors")):
+        files = ["model.safetensors"]
+    else:
+        raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {folder}")
+    state = {}
+    for name in files:
+        path = os.path.join(folder, name)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"checkpoint shard {path} is missing")
+        state.update(load_file(path))
+    return state
+
+
+def _check_params(params, expected) -> None:
+    """Raise naming the HF tensors that are missing, unexpected or of the wrong shape."""
+    got, want = traverse_util.flatten_dict(params), traverse_util.flatten_dict(expected)
+    problems = [f"missing tensor {_path_to_hf_key(p)}" for p in want if p not in got]
+    problems += [f"unexpected tensor {_path_to_hf_key(p)}" for p in got if p not in want]
+    problems += [f"{_path_to_hf_key(p)} has shape {got[p].shape}, expected {want[p].shape}"
+                 for p in want if p in got and got[p].shape != want[p].shape]
+    if problems:
+        raise ValueError("checkpoint does not match the BLOOM config: " + "; ".join(problems))
+
+
+def load_pretrained(path_or_id: str, dtype=jnp.float32, value_head: bool = False, compute_dtype=None):
+    """Load a HF BLOOM checkpoint (local folder or hub id) -> (Bloom module, params).
+
+    Reads config.json and model.safetensors (or sharded with model.safetensors.index.json). Params are cast to
+    `dtype`, which is also the compute dtype unless `compute_dtype` is given (fp32 master weights with bf16
+    compute). With value_head=True the head comes from value_head.safetensors when the folder has one, else
+    it starts at zeros.
+    """
+    folder = os.fspath(path_or_id)
+    if not os.path.isdir(folder):
+        if os.path.isabs(folder) or folder.startswith("."):
+            raise FileNotFoundError(f"checkpoint folder {folder} does not exist")
+        from huggingface_hub import snapshot_download  # only for hub ids
+        folder = snapshot_download(folder, allow_patterns=["config.json", "*.safetensors", "*.index.json"])
+    config_path = os.path.join(folder, "config.json")
+    if not os.path.exists(config_path):
+        raise FileNotFoundError(f"{config_path} is missing")
+    with open(config_path) as f:
+        config = dataclasses.replace(BloomConfig.from_hf(json.load(f)), dtype=compute_dtype or dtype,
+                                     value_head=value_head)
+
+    state = _read_safetensors(folder)
+    head_path = os.path.join(folder, "value_head.safetensors")
+    if value_head and os.path.exists(head_path):
+        state.update(load_file(head_path))
+    params = hf_to_params(state)
+    expected = jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
+    if value_head and "value_head" not in params:
+        params["value_head"] = jax.tree.map(lambda s: np.zeros(s.shape, np.float32), expected["value_head"])
+    _check_params(params, expected)
+    return Bloom(config), jax.tree.map(lambda x: jnp.asarray(x, dtype), params)
+
+
+def save_pretrained(config: BloomConfig, params, out_dir: str) -> None:
+    """Write config.json + model.safetensors (HF names, params' dtype) that
+    `transformers.BloomForCausalLM.from_pretrained(out_dir)` loads; the value head, if any, goes to
+    value_head.safetensors. Like transformers, the tied `lm_head.weight` is not written."""
+    os.makedirs(out_dir, exist_ok=True)
+    state = params_to_hf(params)
+    head = {k: state.pop(k) for k in list(state) if k.startswith("value_head.")}
+    hf_config = config.to_hf()
+    # As transformers writes it (from_pretrained would also infer it from the tensors).
+    hf_config["dtype"] = str(state["transformer.word_embeddings.weight"].dtype)
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(hf_config, f, indent=2)
+    save_file(state, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+    if head:
+        save_file(head, os.path.join(out_dir, "value_head.safetensors"), metadata={"format": "pt"})
