@@ -33,7 +33,7 @@ test: install
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q $(PYTEST_ARGS)
 
 bench: install
-	$(PY) bench/sft_step.py
+	$(PY) -m bench.sft_step
 
 clean:
 	rm -rf $(VENV) workdirs build *.egg-info
