@@ -177,11 +177,11 @@ def load_splits(config):
     """(train, eval) example lists, with the load reports printed."""
     train, report = examples_lib.load_examples(
         config.data.train, on_bad_row=config.data.on_bad_row, max_chars=config.data.max_chars)
-    print(f"data {config.data.train}: {report.summary()}")
+    print(f"data: {report.summary()}")
     if config.data.eval:
         evals, report = examples_lib.load_examples(
             config.data.eval, on_bad_row=config.data.on_bad_row, max_chars=config.data.max_chars)
-        print(f"eval data {config.data.eval}: {report.summary()}")
+        print(f"eval data: {report.summary()}")
         return train, evals
     return examples_lib.split_examples(train, config.data.eval_fraction, config.seed)
 
