@@ -14,7 +14,7 @@ import safetensors.numpy
 
 from configs import sft as sft_config
 from diffchat_jax.sft import trainer
-from diffchat_jax.utils import metrics as metrics_lib
+from diffchat_jax.utils import batching, metrics as metrics_lib
 from diffchat_jax.utils.validate import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -60,7 +60,7 @@ def test_summed_response_nll_matches_hand_computation():
 
 def test_split_microbatches_is_strided_and_complete():
     batch = {"a": np.arange(8)[:, None] * np.ones((1, 3))}
-    micro = trainer.split_microbatches(batch, 2)["a"]
+    micro = batching.split_microbatches(batch, 2)["a"]
     assert micro.shape == (2, 4, 3)
     np.testing.assert_array_equal(micro[0, :, 0], [0, 2, 4, 6])
     np.testing.assert_array_equal(micro[1, :, 0], [1, 3, 5, 7])

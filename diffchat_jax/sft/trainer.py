@@ -19,6 +19,7 @@ from diffchat_jax.data import tokenize as tokenize_lib
 from diffchat_jax.data import tokenizer as tokenizer_lib
 from diffchat_jax.models import bloom
 from diffchat_jax.utils import checkpoint, mesh as mesh_lib, metrics as metrics_lib
+from diffchat_jax.utils.batching import split_microbatches
 from diffchat_jax.utils.validate import require, one_of
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -84,14 +85,6 @@ def summed_response_nll(logits, input_ids, loss_mask):
 def batch_nll(params, apply_fn, batch):
     logits = apply_fn({"params": params}, batch["input_ids"], batch["attention_mask"]).logits
     return summed_response_nll(logits, batch["input_ids"], batch["loss_mask"])
-
-
-def split_microbatches(batch, grad_accum: int):
-    """[B, ...] -> [grad_accum, B / grad_accum, ...], micro-batch k = rows k, k + A, k + 2A, ...
-
-    Strided rather than contiguous so every micro-batch draws evenly from each device's shard of the batch.
-    """
-    return jax.tree.map(lambda x: x.reshape(-1, grad_accum, *x.shape[1:]).swapaxes(0, 1), batch)
 
 
 def train_step(state: train_state.TrainState, batch, grad_accum: int):
