@@ -22,6 +22,7 @@ from flax.training import train_state
 from configs import sft as sft_config
 from diffchat_jax.models import bloom
 from diffchat_jax.sft import trainer
+from diffchat_jax.utils import optim
 
 
 def parse_args():
@@ -47,7 +48,7 @@ def time_jax(path, batch, args):
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
     module, params = bloom.load_pretrained(path, dtype=jnp.float32, compute_dtype=dtype)
     config = sft_config.get_config()
-    tx = trainer.make_optimizer(config, trainer.make_schedule(config, 1000))
+    tx = optim.make_optimizer(config.train, optim.make_schedule(config.train, 1000))
     state = train_state.TrainState.create(apply_fn=module.apply, params=params, tx=tx)
     step = jax.jit(trainer.train_step, static_argnums=2, donate_argnums=0)
     batch = jax.device_put(batch)

@@ -3,7 +3,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from diffchat_jax.rewards import base, combine
+from diffchat_jax.rewards import base, ci as _ci, combine  # noqa: F401  (_ci registers "ci")
 from diffchat_jax.text import keywords
 
 BATCH = base.RewardBatch(x_o=["a horse in a field"] * 3, i=["turn the horse into a zebra"] * 3,

@@ -14,7 +14,7 @@ import safetensors.numpy
 
 from configs import sft as sft_config
 from diffchat_jax.sft import trainer
-from diffchat_jax.utils import batching, metrics as metrics_lib
+from diffchat_jax.utils import batching, metrics as metrics_lib, optim
 from diffchat_jax.utils.validate import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -79,7 +79,7 @@ def test_grad_accumulation_equals_one_big_batch():
     batch = {"input_ids": ids, "attention_mask": np.ones_like(ids), "loss_mask": loss_mask}
     results = []
     for accum in (1, 4):
-        tx = trainer.make_optimizer(config, trainer.make_schedule(config, 10))
+        tx = optim.make_optimizer(config.train, optim.make_schedule(config.train, 10))
         state = train_state.TrainState.create(apply_fn=bloom.Bloom(model_config).apply, params=params, tx=tx)
         state, metrics = jax.jit(trainer.train_step, static_argnums=2)(state, batch, accum)
         results.append((state.params, metrics))
@@ -151,7 +151,7 @@ MULTI_DEVICE_SCRIPT = textwrap.dedent("""
     from configs import sft as sft_config
     from diffchat_jax.models import bloom
     from diffchat_jax.sft import trainer
-    from diffchat_jax.utils import mesh as mesh_lib
+    from diffchat_jax.utils import mesh as mesh_lib, optim
     assert jax.device_count() == 8, jax.devices()
     config = sft_config.get_config("tiny")
     model_config = bloom.BloomConfig(vocab_size=64, hidden_size=32, n_layer=2, n_head=4)
@@ -164,7 +164,7 @@ MULTI_DEVICE_SCRIPT = textwrap.dedent("""
     finals = []
     for devices in (jax.devices()[:1], jax.devices()):
         mesh = mesh_lib.make_mesh(devices)
-        tx = trainer.make_optimizer(config, trainer.make_schedule(config, 10))
+        tx = optim.make_optimizer(config.train, optim.make_schedule(config.train, 10))
         state = train_state.TrainState.create(apply_fn=bloom.Bloom(model_config).apply, params=params, tx=tx)
         state = mesh_lib.replicate(state, mesh)
         step = jax.jit(trainer.train_step, static_argnums=2)

@@ -1,2 +1,2 @@
-"""Reward components (registered by name on import) and their combination; see base.py for the interface."""
-from diffchat_jax.rewards import ci  # noqa: F401  (registers "ci")
+"""Reward components and their combination; base.py has the interface. A component registers itself by name when
+its module is imported (the PPO trainer imports them all)."""

@@ -18,7 +18,7 @@ from diffchat_jax.data import examples as examples_lib
 from diffchat_jax.data import tokenize as tokenize_lib
 from diffchat_jax.data import tokenizer as tokenizer_lib
 from diffchat_jax.models import bloom
-from diffchat_jax.utils import checkpoint, mesh as mesh_lib, metrics as metrics_lib
+from diffchat_jax.utils import checkpoint, mesh as mesh_lib, metrics as metrics_lib, optim
 from diffchat_jax.utils.batching import split_microbatches
 from diffchat_jax.utils.validate import require, one_of
 
@@ -114,22 +114,6 @@ def eval_step(params, apply_fn, batch):
 # ---------------------------------------------------------------------------------------------------------------
 # Set-up pieces.
 # ---------------------------------------------------------------------------------------------------------------
-def make_schedule(config, total_steps: int) -> optax.Schedule:
-    """Linear warm-up from 0 to train.lr, then cosine decay to lr * min_lr_ratio at the last step."""
-    t = config.train
-    return optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=t.lr, warmup_steps=min(t.warmup_steps, max(total_steps - 1, 0)),
-        decay_steps=max(total_steps, 1), end_value=t.lr * t.min_lr_ratio)
-
-
-def make_optimizer(config, schedule: optax.Schedule) -> optax.GradientTransformation:
-    """AdamW (betas, eps, decoupled weight decay on matrices only), after global-norm clipping."""
-    t = config.train
-    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)  # no decay on biases / norms
-    adamw = optax.adamw(schedule, b1=t.b1, b2=t.b2, eps=t.eps, weight_decay=t.weight_decay, mask=decay_mask)
-    return optax.chain(optax.clip_by_global_norm(t.grad_clip), adamw) if t.grad_clip > 0 else adamw
-
-
 def load_tokenizer(config, workdir: str, train_examples):
     """The configured tokenizer; for tiny configs a BPE trained on the training data, kept in the workdir."""
     if config.tokenizer.train_vocab_size:
@@ -226,9 +210,9 @@ def train_and_evaluate(config, workdir: str, mesh=None) -> dict[str, float]:
     # ----- model, optimizer, state (fresh or resumed) -----
     rng = jax.random.PRNGKey(config.seed)
     module, params = load_model(config, len(tokenizer), rng)
-    schedule = make_schedule(config, total_steps)
+    schedule = optim.make_schedule(t, total_steps)
     state = train_state.TrainState.create(apply_fn=module.apply, params=params,
-                                          tx=make_optimizer(config, schedule))
+                                          tx=optim.make_optimizer(t, schedule))
     state = mesh_lib.replicate(state, mesh)
     ckpt = checkpoint.manager(os.path.join(workdir, "checkpoints"), config.keep_checkpoints)
     state, start_step = checkpoint.restore_latest(ckpt, state)
