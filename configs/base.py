@@ -53,4 +53,33 @@ def get_config():
     c.adm.keywords_per_negative = 1
     c.adm.max_sequences = 8  # K: ban / steer rows per sample (a keyword has up to ~6 spellings)
     c.adm.max_tokens = 8  # L: tokens per row; longer spellings are not planned
+
+    # The sampler (diffchat_jax/sampling/rollout.py: rollout.SamplingConfig.from_config(c.sampling, eos_id, pad_id)).
+    c.sampling = ml_collections.ConfigDict()
+    c.sampling.max_new_tokens = 128
+    c.sampling.min_new_tokens = 0  # EOS is removed before this many tokens
+    c.sampling.greedy = False  # argmax instead of a draw; the warpers (temperature .. typical) are then skipped
+    c.sampling.temperature = 1.0
+    c.sampling.top_k = 0  # 0 = off
+    c.sampling.top_p = 1.0  # 1 = off
+    # ADM pi+: locally typical sampling with this mass for every sample that is not a pi- negative; 1 = off.
+    c.sampling.typical_mass = 0.97
+    # Transform order (all six names): transformers' processors, then its warpers in its order.
+    c.sampling.order = ("min_new_tokens", "ban", "temperature", "top_k", "top_p", "typical")
+
+    # Rewards (diffchat_jax/rewards/): components by name with weights, then normalisation and clipping.
+    c.reward = ml_collections.ConfigDict()
+    c.reward.components = ml_collections.ConfigDict({"ci": 1.0})  # name -> weight; "aesthetic", "pickscore" need images
+    c.reward.normalize = "scale"  # "none", "scale" (divide by the running std) or "standardize"
+    c.reward.clip = 10.0  # after normalising; 0 = none
+    c.reward.on_nonfinite = "error"  # "error" (stop, naming the sample) or "mask" (drop such samples)
+    # LAION aesthetic predictor (sac+logos+ava1-l14-linearMSE) on CLIP ViT-L/14 image embeddings; a local path works.
+    c.reward.aesthetic = ml_collections.ConfigDict(dict(
+        clip_model="openai/clip-vit-large-patch14",
+        mlp_weights="trl-lib/ddpo-aesthetic-predictor/aesthetic-model.pth",
+        dtype="float32", batch_size=64))
+    c.reward.pickscore = ml_collections.ConfigDict(dict(
+        model="yuvalkirstain/PickScore_v1",
+        processor="laion/CLIP-ViT-H-14-laion2B-s32B-b79K",  # tokenizer source; "" = the model folder
+        dtype="float32", batch_size=64))
     return c

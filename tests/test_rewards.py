@@ -61,6 +61,17 @@ def test_normalize_modes_and_clip(mode):
     assert moments.count == 5
 
 
+@pytest.mark.parametrize("mode", ["scale", "standardize"])
+def test_constant_rewards_normalize_to_finite_values(mode):
+    """All-equal rewards have std 0: normalising must not divide by it."""
+    moments = combine.Moments()
+    for _ in range(3):
+        out, moments = combine.normalize(np.zeros(4), np.ones(4, bool), moments, mode, clip=0.0)
+        np.testing.assert_array_equal(out, 0.0)
+    out, _ = combine.normalize(np.full(4, 2.0), np.ones(4, bool), combine.Moments(), "scale", clip=0.0)
+    np.testing.assert_allclose(out, 2.0)
+
+
 def test_score_components_checks_shapes():
     with pytest.raises(ValueError, match=r"returned shape \(2,\), expected \(3,\)"):
         combine.score_components({"bad": constant("bad", [1.0, 2.0])}, BATCH)

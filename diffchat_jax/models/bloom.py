@@ -27,6 +27,8 @@ import numpy as np
 from flax import traverse_util
 from safetensors.numpy import load_file, save_file
 
+from diffchat_jax.models import hf_io
+
 # HF BloomConfig defaults, used for keys a config.json leaves out.
 _HF_DEFAULTS = dict(vocab_size=250880, hidden_size=64, n_layer=2, n_head=8, layer_norm_epsilon=1e-5)
 
@@ -329,36 +331,6 @@ def params_to_hf(params) -> dict[str, np.ndarray]:
 # ----------------------------------------------------------------------------------------------------------
 # Checkpoint files.
 # ----------------------------------------------------------------------------------------------------------
-def _read_safetensors(folder: str) -> dict[str, np.ndarray]:
-    """model.safetensors, or the shards listed in model.safetensors.index.json."""
-    index = os.path.join(folder, "model.safetensors.index.json")
-    if os.path.exists(index):
-        with open(index) as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
-    elif os.path.exists(os.path.join(folder, "model.safetensors")):
-        files = ["model.safetensors"]
-    else:
-        raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {folder}")
-    state = {}
-    for name in files:
-        path = os.path.join(folder, name)
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"checkpoint shard {path} is missing")
-        state.update(load_file(path))
-    return state
-
-
-def _check_params(params, expected) -> None:
-    """Raise naming the HF tensors that are missing, unexpected or of the wrong shape."""
-    got, want = traverse_util.flatten_dict(params), traverse_util.flatten_dict(expected)
-    problems = [f"missing tensor {_path_to_hf_key(p)}" for p in want if p not in got]
-    problems += [f"unexpected tensor {_path_to_hf_key(p)}" for p in got if p not in want]
-    problems += [f"{_path_to_hf_key(p)} has shape {got[p].shape}, expected {want[p].shape}"
-                 for p in want if p in got and got[p].shape != want[p].shape]
-    if problems:
-        raise ValueError("checkpoint does not match the BLOOM config: " + "; ".join(problems))
-
-
 def load_pretrained(path_or_id: str, dtype=jnp.float32, value_head: bool = False, compute_dtype=None):
     """Load a HF BLOOM checkpoint (local folder or hub id) -> (Bloom module, params).
 
@@ -367,12 +339,7 @@ def load_pretrained(path_or_id: str, dtype=jnp.float32, value_head: bool = False
     compute). With value_head=True the head comes from value_head.safetensors when the folder has one, else
     it starts at zeros.
     """
-    folder = os.fspath(path_or_id)
-    if not os.path.isdir(folder):
-        if os.path.isabs(folder) or folder.startswith("."):
-            raise FileNotFoundError(f"checkpoint folder {folder} does not exist")
-        from huggingface_hub import snapshot_download  # only for hub ids
-        folder = snapshot_download(folder, allow_patterns=["config.json", "*.safetensors", "*.index.json"])
+    folder = hf_io.resolve_folder(path_or_id, ["config.json", "*.safetensors", "*.index.json"])
     config_path = os.path.join(folder, "config.json")
     if not os.path.exists(config_path):
         raise FileNotFoundError(f"{config_path} is missing")
@@ -380,7 +347,7 @@ def load_pretrained(path_or_id: str, dtype=jnp.float32, value_head: bool = False
         config = dataclasses.replace(BloomConfig.from_hf(json.load(f)), dtype=compute_dtype or dtype,
                                      value_head=value_head)
 
-    state = _read_safetensors(folder)
+    state = hf_io.read_safetensors(folder)
     head_path = os.path.join(folder, "value_head.safetensors")
     if value_head and os.path.exists(head_path):
         state.update(load_file(head_path))
@@ -388,7 +355,7 @@ def load_pretrained(path_or_id: str, dtype=jnp.float32, value_head: bool = False
     expected = jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
     if value_head and "value_head" not in params:
         params["value_head"] = jax.tree.map(lambda s: np.zeros(s.shape, np.float32), expected["value_head"])
-    _check_params(params, expected)
+    hf_io.check_params(params, expected, _path_to_hf_key, "BLOOM")
     return Bloom(config), jax.tree.map(lambda x: jnp.asarray(x, dtype), params)
 
 

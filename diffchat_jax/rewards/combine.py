@@ -36,7 +36,9 @@ class Moments:
 
     @property
     def std(self) -> float:
-        return float(np.sqrt(self.m2 / self.count)) if self.count > 1 else 1.0
+        """The running std; 1 until there are two values, and while they are all equal (nothing to scale by)."""
+        variance = self.m2 / self.count if self.count > 1 else 0.0
+        return float(np.sqrt(variance)) if variance > 1e-12 else 1.0
 
 
 def score_components(components: Mapping[str, Component], batch: RewardBatch) -> dict[str, np.ndarray]:
