@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.diffchat-installed
-DEMO_WORKDIR ?= workdirs/demo-sft
+DEMO_WORKDIR ?= workdirs/demo
 PYTEST_ARGS ?=
 
 .PHONY: install demo test bench nltk-data clean
@@ -25,9 +25,12 @@ install: $(STAMP)
 nltk-data: | $(PY)
 	$(PY) -m diffchat_jax.text.nltk_data
 
+# Tiny SFT, then tiny PPO starting from its export: the whole pipeline on CPU in a few minutes.
 demo: install
 	rm -rf $(DEMO_WORKDIR)
-	$(PY) -m diffchat_jax.main --config=configs/sft.py:tiny --workdir=$(DEMO_WORKDIR)
+	$(PY) -m diffchat_jax.main --config=configs/sft.py:tiny --workdir=$(DEMO_WORKDIR)/sft
+	$(PY) -m diffchat_jax.main --config=configs/ppo.py:tiny --workdir=$(DEMO_WORKDIR)/ppo \
+	    --config.model.name_or_path=$(DEMO_WORKDIR)/sft
 
 test: install
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q $(PYTEST_ARGS)

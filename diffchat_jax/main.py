@@ -2,6 +2,7 @@
 
 Dispatches on `config.mode`. Rerunning the same command with the same workdir resumes from the newest checkpoint.
 """
+import importlib
 import os
 import sys
 
@@ -9,7 +10,11 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from diffchat_jax.rewards.combine import NonFiniteReward
 from diffchat_jax.utils.validate import ConfigError
+
+# config.mode -> the module whose train_and_evaluate(config, workdir) runs it (imported on demand).
+TRAINERS = {"sft": "diffchat_jax.sft.trainer", "ppo": "diffchat_jax.rl.trainer"}
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, optionally with a variant: configs/sft.py:tiny", lock_config=True)
@@ -32,15 +37,18 @@ def main(argv):
     workdir = _WORKDIR.value or default_workdir(config_flags.get_config_filename(flags.FLAGS["config"]))
     if config.distributed:
         jax.distributed.initialize()
+    if config.mode not in TRAINERS:
+        print(f"config error: config.mode {config.mode!r} is not one of {sorted(TRAINERS)}", file=sys.stderr)
+        sys.exit(2)
+    trainer = importlib.import_module(TRAINERS[config.mode])
     try:
-        if config.mode == "sft":
-            from diffchat_jax.sft import trainer  # pylint: disable=import-outside-toplevel
-            trainer.train_and_evaluate(config, workdir)
-        else:
-            raise ConfigError(f"config.mode {config.mode!r} is not one of ['sft']")
+        trainer.train_and_evaluate(config, workdir)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         sys.exit(2)
+    except NonFiniteReward as e:
+        print(f"reward error: {e}", file=sys.stderr)
+        sys.exit(3)
 
 
 def run():

@@ -1,20 +1,16 @@
 """The PPO core (diffchat_jax.rl.ppo): partial unfreezing, experience, the update, and 8 devices == 1 device."""
-import os
-import subprocess
-import sys
 import textwrap
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import pytest
 from flax import traverse_util
 
 from diffchat_jax.models import bloom
 from diffchat_jax.rl import gae, ppo
+from tests import helpers
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = bloom.BloomConfig(vocab_size=40, hidden_size=32, n_layer=4, n_head=4, value_head=True)
 PROMPT, RESPONSE = 5, 6
 HP = {"clip": 0.2, "value_clip": 0.2, "vf_coef": 0.5, "ent_coef": 0.01, "alpha": 0.05}
@@ -152,10 +148,7 @@ MULTI_DEVICE_SCRIPT = textwrap.dedent("""
 
 
 def test_eight_devices_give_the_same_update_as_one():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, "-c", MULTI_DEVICE_SCRIPT], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    fields = proc.stdout.split("MAXDIFF")[1].split()
-    assert float(fields[2]) > 1e-3, proc.stdout  # the update really moved the params...
-    assert float(fields[0]) < 1e-5, proc.stdout  # ...identically on 1 and 8 devices
+    stdout = helpers.run_on_8_cpu_devices(MULTI_DEVICE_SCRIPT)
+    fields = stdout.split("MAXDIFF")[1].split()
+    assert float(fields[2]) > 1e-3, stdout  # the update really moved the params...
+    assert float(fields[0]) < 1e-5, stdout  # ...identically on 1 and 8 devices

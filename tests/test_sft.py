@@ -1,10 +1,6 @@
 """SFT trainer: the loss, gradient accumulation, config checks, the tiny run end to end, kill/resume, 8 devices."""
 import os
-import signal
-import subprocess
-import sys
 import textwrap
-import time
 
 import jax
 import jax.numpy as jnp
@@ -13,28 +9,18 @@ import pytest
 import safetensors.numpy
 
 from configs import sft as sft_config
+from tests import helpers
 from diffchat_jax.sft import trainer
 from diffchat_jax.utils import batching, metrics as metrics_lib, optim
 from diffchat_jax.utils.validate import ConfigError
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 
 def tiny_config(**overrides):
-    config = sft_config.get_config("tiny")
-    for dotted, value in overrides.items():
-        node = config
-        *parents, leaf = dotted.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return config
+    return helpers.override(sft_config.get_config("tiny"), **overrides)
 
 
-def run_main(workdir, *flags, timeout=600):
-    """Starts `python -m diffchat_jax.main --config=configs/sft.py:tiny` in a subprocess (not waited for)."""
-    cmd = [sys.executable, "-m", "diffchat_jax.main", "--config=configs/sft.py:tiny", f"--workdir={workdir}", *flags]
-    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+def run_main(workdir, *flags):
+    return helpers.start_main("configs/sft.py:tiny", workdir, *flags)
 
 
 def exported_params(workdir):
@@ -125,15 +111,7 @@ def test_tiny_run_learns_then_kill_and_resume_matches_uninterrupted(tmp_path):
 
     killed = tmp_path / "killed"
     proc = run_main(killed, *flags)
-    ckpt_dir = killed / "checkpoints"
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if ckpt_dir.is_dir() and any(p.name.isdigit() for p in ckpt_dir.iterdir()):
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, "the run finished before it could be killed"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    helpers.kill_after_first_checkpoint(proc, killed / "checkpoints")
     assert not (killed / "export").exists()
     proc = run_main(killed, *flags)
     out, _ = proc.communicate(timeout=600)
@@ -179,12 +157,9 @@ MULTI_DEVICE_SCRIPT = textwrap.dedent("""
 
 
 def test_eight_devices_give_the_same_steps_as_one():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, "-c", MULTI_DEVICE_SCRIPT], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    fields = proc.stdout.split("MAXDIFF")[1].split()
+    stdout = helpers.run_on_8_cpu_devices(MULTI_DEVICE_SCRIPT)
+    fields = stdout.split("MAXDIFF")[1].split()
     maxdiff, moved, loss1, loss8 = float(fields[0]), float(fields[2]), float(fields[4]), float(fields[5])
     assert moved > 1e-4  # the steps really changed the parameters...
-    assert maxdiff < 1e-5, proc.stdout  # ...identically on 1 and 8 devices (an extra pmean would be 8x off)
+    assert maxdiff < 1e-5, stdout  # ...identically on 1 and 8 devices (an extra pmean would be 8x off)
     np.testing.assert_allclose(loss1, loss8, rtol=1e-5)

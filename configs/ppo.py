@@ -1,0 +1,92 @@
+"""PPO with ADM and VCI (paper section 3.3, appendix A.5; Table 3 column RL): the main training stage.
+
+  python -m diffchat_jax.main --config=configs/ppo.py --config.model.name_or_path=workdirs/sft/export \
+      --config.data.train=/path/to/instructpe.json
+  python -m diffchat_jax.main --config=configs/ppo.py:tiny   # after configs/sft.py:tiny; CPU, minutes
+
+Variants (combine with commas, e.g. `:tiny,no_vci`): tiny; no_vci (alpha = 0); no_negative (no ADM pi-);
+no_positive (plain top-p sampling instead of ADM pi+ typical sampling); no_adm (both).
+"""
+import ml_collections
+
+from configs import base
+from configs.sft import SAMPLE
+
+
+def get_config(arg=None):
+    variants = set(arg.split(",")) if arg else set()
+    known = {"tiny", "no_vci", "no_negative", "no_positive", "no_adm"}
+    if variants - known:
+        raise ValueError(f"configs/ppo.py: unknown variant(s) {sorted(variants - known)}; known: {sorted(known)}")
+    c = base.get_config()
+    c.mode = "ppo"
+    # The SFT result: its workdir (the export/ inside is used) or a transformers BLOOM folder with its tokenizer.
+    c.model.name_or_path = "workdirs/sft/export"
+
+    c.ppo = ml_collections.ConfigDict()
+    c.ppo.epochs = 5  # passes over the training prompts (Table 3)
+    c.ppo.batch_size = 128  # prompts per rollout batch (global)
+    c.ppo.ppo_epochs = 4  # optimisation passes over each rollout batch (not given by the paper; trlx's default)
+    c.ppo.minibatch_size = 32  # samples per optimizer step (not given by the paper)
+    c.ppo.grad_accum = 1  # micro-batches per minibatch (memory)
+    c.ppo.trainable_blocks = 8  # only the last N transformer blocks (+ ln_f, value head) train
+    c.ppo.lr = 5e-6
+    c.ppo.warmup_steps = 0
+    c.ppo.min_lr_ratio = 0.0
+    c.ppo.weight_decay = 1e-6
+    c.ppo.b1 = 0.9
+    c.ppo.b2 = 0.95
+    c.ppo.eps = 1e-8
+    c.ppo.grad_clip = 1.0
+    c.ppo.gamma = 0.99
+    c.ppo.lam = 0.95
+    c.ppo.clip = 0.2  # policy ratio clipping
+    c.ppo.value_clip = 0.2  # value clipping around the rollout's V̂ (not given by the paper; trlx's default)
+    c.ppo.vf_coef = 0.5  # value-loss scale w.r.t. the policy loss
+    c.ppo.ent_coef = 0.0
+    c.ppo.whiten_advantages = True
+
+    c.kl = ml_collections.ConfigDict()
+    c.kl.init = 0.05  # initial KL coefficient beta
+    c.kl.adaptive = True  # Ziegler et al.'s adaptive controller; False = fixed beta
+    c.kl.target = 6.0  # nats per sequence (not given by the paper; trlx's default)
+    c.kl.horizon = 10000
+
+    c.vci = ml_collections.ConfigDict()
+    c.vci.alpha = 0.05  # V̂ = V + alpha * CI(prefix); 0 disables VCI
+
+    # pi+: typical sampling with mass sampling.typical_mass (0.97) for every sample that is not a pi- negative;
+    # False turns it off (the other sampling.* transforms still apply).
+    c.adm.positive = True
+    c.adm.negative = True  # pi-: keyword removal / replacement plans for adm.negative_fraction of the samples
+
+    c.log_every = 1  # iterations
+    c.sample_log_every = 10  # iterations between sample responses written to samples.jsonl
+    c.samples_per_log = 8
+    c.checkpoint_every = 50
+
+    if "no_vci" in variants:
+        c.vci.alpha = 0.0
+    if variants & {"no_negative", "no_adm"}:
+        c.adm.negative = False
+    if variants & {"no_positive", "no_adm"}:
+        c.adm.positive = False
+        c.sampling.top_p = 0.9  # the usual nucleus sampling in place of typical sampling
+    if "tiny" in variants:
+        c.model.name_or_path = "workdirs/sft-tiny"
+        c.model.compute_dtype = "float32"
+        c.data.train = SAMPLE
+        c.data.max_length = 192
+        c.ppo.epochs = 4
+        c.ppo.batch_size = 32
+        c.ppo.minibatch_size = 16
+        c.ppo.ppo_epochs = 2
+        c.ppo.trainable_blocks = 1
+        c.ppo.lr = 1e-3
+        c.kl.horizon = 50  # a run of ~30 iterations needs beta to react within it (the paper's 10000 would not)
+        c.sampling.max_new_tokens = 48
+        c.adm.negative_fraction = 0.25  # enough negatives in a 32-sample batch to exercise pi-
+        c.ci.threshold = 0.0  # a dense reward for the tiny model, which rarely reaches 0.7
+        c.sample_log_every = 5
+        c.checkpoint_every = 10
+    return c

@@ -1,0 +1,1 @@
+"""Sampling: pure logit transforms and the draw (logits), the jitted KV-cache decode loop with ADM (rollout)."""
