@@ -115,6 +115,13 @@ def test_nonfinite_reward_masked_when_asked(sft_dir, tmp_path):
     assert np.isfinite(result["last_reward"]) and all(np.isfinite(r["policy_loss"]) for r in rows)
 
 
+def test_image_rewards_need_a_renderer(sft_dir, tmp_path):
+    config = tiny_config(sft_dir)
+    config.reward.components = {"ci": 1.0, "aesthetic": 1.0}
+    with pytest.raises(Exception, match="config.reward.components.aesthetic scores rendered images"):
+        trainer.train_and_evaluate(config, str(tmp_path))
+
+
 def test_bad_ppo_config_names_the_field(sft_dir):
     with pytest.raises(Exception, match="config.ppo.batch_size .* must be a multiple of ppo.minibatch_size"):
         trainer.validate_config(tiny_config(sft_dir, **{"ppo.batch_size": 30}), num_devices=1)

@@ -40,16 +40,23 @@ class Component:
 
 
 _FACTORIES: dict[str, Callable[..., Component]] = {}
+_NEEDS_IMAGES: dict[str, bool] = {}
 
 
-def register(name: str):
-    """Decorator: `@register("ci") def make_ci(config) -> Component`."""
+def register(name: str, needs_images: bool = False):
+    """Decorator: `@register("ci") def make_ci(config) -> Component`; say `needs_images=True` for components
+    that score rendered images, so a run can check that it renders before loading any scorer."""
     def wrap(factory):
         if name in _FACTORIES:
             raise ValueError(f"reward component {name!r} registered twice")
         _FACTORIES[name] = factory
+        _NEEDS_IMAGES[name] = needs_images
         return factory
     return wrap
+
+
+def needs_images(name: str) -> bool:
+    return _NEEDS_IMAGES[name]
 
 
 def make_component(name: str, config) -> Component:

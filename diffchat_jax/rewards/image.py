@@ -57,7 +57,7 @@ def _score_renders(fn, images: np.ndarray, per_response: tuple[np.ndarray, ...],
     return np.concatenate(scores).reshape(images.shape[:2]).mean(axis=1)
 
 
-@register("aesthetic")
+@register("aesthetic", needs_images=True)
 def make_aesthetic(config) -> Component:
     c = config.reward.aesthetic
     mesh = make_mesh(jax.local_devices())
@@ -71,7 +71,7 @@ def make_aesthetic(config) -> Component:
     return Component("aesthetic", score, needs_images=True)
 
 
-@register("pickscore")
+@register("pickscore", needs_images=True)
 def make_pickscore(config) -> Component:
     c = config.reward.pickscore
     mesh = make_mesh(jax.local_devices())

@@ -165,6 +165,9 @@ def train_and_evaluate(config, workdir: str, mesh=None) -> dict[str, float]:
     total_iterations = p.epochs * iterations_per_epoch
     updates_per_iteration = p.ppo_epochs * (p.batch_size // p.minibatch_size)
     tx = optim.make_optimizer(p, optim.make_schedule(p, total_iterations * updates_per_iteration))
+    for name in config.reward.components:  # before loading any scorer: fail fast
+        require(not reward_base.needs_images(name), f"reward.components.{name}",
+                "scores rendered images, and PPO has no image renderer yet (the Stable Diffusion issue adds it)")
     components = {name: reward_base.make_component(name, config) for name in config.reward.components}
     weights = dict(config.reward.components)
     print(f"{len(setup.data)} prompts, {iterations_per_epoch} iterations per epoch, {total_iterations} "
