@@ -142,6 +142,9 @@ def test_kv_cache_prefill_then_decode_equals_full_sequence(checkpoint):
     out = step(params, prompt, cache_mask, cache, jnp.int32(0))
     real = prompt_mask.astype(bool)
     assert_allclose(np.asarray(out.logits)[real], full[:, :6][real], atol=1e-4, rtol=0)
+    last = module.apply({"params": params}, prompt, cache_mask, cache, jnp.int32(0), last_only=True)
+    assert last.logits.shape == (3, 1, module.config.vocab_size)  # the prefill a sampler needs: last position only
+    assert_allclose(last.logits[:, 0], full[:, 5], atol=1e-4, rtol=0)
     for i in range(6, ids.shape[1]):
         cache_mask[:, i] = 1
         out = step(params, ids[:, i:i + 1], cache_mask, out.cache, jnp.int32(i))

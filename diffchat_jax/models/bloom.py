@@ -221,11 +221,13 @@ class Bloom(nn.Module):
         Usage: prefill a left-padded prompt [B, P] at cache_index 0 with mask [prompt_mask, 0...]; then for
         slot i = P, P+1, ...: set mask[:, i] = 1 and call with input_ids [B, 1], cache_index i. The returned
         logits [B, 1, V] equal the full-sequence logits at position i; BloomOutput.cache is the updated cache.
+        last_only=True returns logits [B, 1, V] for the last input position only (values still cover all of them).
     """
     config: BloomConfig
 
     @nn.compact
-    def __call__(self, input_ids, attention_mask, cache: KVCache | None = None, cache_index=None) -> BloomOutput:
+    def __call__(self, input_ids, attention_mask, cache: KVCache | None = None, cache_index=None,
+                 last_only: bool = False) -> BloomOutput:
         cfg = self.config
         if (cache is None) != (cache_index is None):
             raise ValueError("pass cache and cache_index together")
@@ -257,7 +259,11 @@ class Bloom(nn.Module):
                 new_v.append(kv[1])
         x = _layer_norm(cfg, "ln_f")(x)
 
-        logits = jnp.einsum("bth,vh->btv", x, embed.embedding.astype(cfg.dtype), preferred_element_type=jnp.float32)
+        # last_only: logits [B, 1, V] of the last position only (a sampler's prefill needs no more; the [B, T, V]
+        # head would cost T times the FLOPs and memory).
+        head_input = x[:, -1:] if last_only else x
+        logits = jnp.einsum("bth,vh->btv", head_input, embed.embedding.astype(cfg.dtype),
+                            preferred_element_type=jnp.float32)
         values = None
         if cfg.value_head:
             # Zero init: V = 0 everywhere at the start of PPO; the kernel still gets gradients.

@@ -218,15 +218,11 @@ def forward(model: bloom.Bloom, params, ids: jax.Array, attention: jax.Array, ca
             index) -> tuple[jax.Array, bloom.KVCache]:
     """ids [B, T] into the cache at slots [index, index + T) -> (logits at the last position [B, V] float32, cache).
 
-    The (tied) LM head is applied here, to the last final hidden state only (captured from ln_f), so that XLA drops
-    the model's [B, T, V] logits: at prefill that is T times the head's FLOPs (a third of bloom-1b1's) and
-    B x T x V float32 of memory.
+    Only the last position goes through the LM head (`last_only`): at prefill the full [B, T, V] logits would cost
+    T times the head's FLOPs (a third of bloom-1b1's) and B x T x V float32 of memory.
     """
-    out, state = model.apply({"params": params}, ids, attention, cache, index,
-                             capture_intermediates=lambda module, _: module.name == "ln_f")
-    hidden = state["intermediates"]["ln_f"]["__call__"][0][:, -1]
-    embedding = params["word_embeddings"]["embedding"].astype(model.config.dtype)
-    return jnp.einsum("bh,vh->bv", hidden, embedding, preferred_element_type=jnp.float32), out.cache
+    out = model.apply({"params": params}, ids, attention, cache, index, last_only=True)
+    return out.logits[:, -1], out.cache
 
 
 @functools.partial(jax.jit, static_argnames=("model", "config"))
