@@ -178,8 +178,8 @@ def train_and_evaluate(config, workdir: str, mesh=None) -> dict[str, float]:
     state = mesh_lib.replicate(state, mesh)
     frozen, ref_params = mesh_lib.replicate((frozen, ref_params), mesh)
     ckpt = checkpoint.manager(os.path.join(workdir, "checkpoints"), config.keep_checkpoints)
-    state, start = checkpoint.restore_latest(ckpt, state)
-    start = int(state["iteration"])
+    state, _ = checkpoint.restore_latest(ckpt, state)
+    start = int(state["iteration"])  # the checkpoint's step is the iteration count too; the state says it itself
     if start:
         print(f"resumed from checkpoint at iteration {start}")
     writer = metrics_lib.MetricWriter(workdir) if is_main else None
