@@ -19,6 +19,7 @@ from diffchat_jax.data import SAMPLE_PATH, examples as examples_lib, tokenizer a
 from diffchat_jax.models import bloom
 from diffchat_jax.rl import trainer
 from diffchat_jax.utils import metrics as metrics_lib
+from bench import shapes
 
 PHASES = ("rollout", "reward", "experience", "update")
 
@@ -36,9 +37,7 @@ def parse_args():
 
 def random_sft_folder(path: str, shape: str, tokenizer) -> None:
     """A random BLOOM of `shape` with the tokenizer, saved as an SFT export would be."""
-    n_layer, width, *heads = (int(v) for v in shape.split("x"))
-    config = bloom.BloomConfig(vocab_size=len(tokenizer), hidden_size=width, n_layer=n_layer,
-                               n_head=heads[0] if heads else max(width // 64, 1))
+    config = bloom.BloomConfig(vocab_size=len(tokenizer), **shapes.bloom_shape(shape))
     bloom.save_pretrained(config, bloom.init_params(config, jax.random.PRNGKey(0)), path)
     tokenizer.save_pretrained(path)
 

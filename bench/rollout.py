@@ -18,10 +18,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
-import transformers
 
 from diffchat_jax.models import bloom
 from diffchat_jax.sampling import rollout
+from bench import shapes
 
 EOS, PAD = 2, 3
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -78,15 +78,6 @@ def torch_runner(model, prompt, args):
     return run
 
 
-def random_bloom(shape, vocab):
-    """A transformers BLOOM (its random init) of shape LAYERSxWIDTH[xHEADS]; heads default to WIDTH / 64."""
-    n_layer, width, *heads = (int(v) for v in shape.split("x"))
-    torch.manual_seed(0)
-    config = transformers.BloomConfig(vocab_size=vocab, hidden_size=width, n_layer=n_layer,
-                                      n_head=heads[0] if heads else max(width // 64, 1))
-    return transformers.BloomForCausalLM(config).eval()
-
-
 def matmul_flops_per_s(dtype, n=1024, repeats=20):
     a = jax.random.normal(jax.random.key(0), (n, n), dtype)
     matmul = jax.jit(lambda a, b: a @ b)
@@ -115,7 +106,7 @@ def main():
           f"{args.dtype}")
     print(f"{'shape':>10} {'ours tok/s':>11} {'torch tok/s':>12} {'ratio':>6} {'compile s':>10}")
     for shape in args.shapes.split(","):
-        model = random_bloom(shape, args.vocab)
+        model = shapes.random_torch_bloom(shape, args.vocab)
         prompt = rng.integers(PAD + 1, args.vocab, (args.batch, args.prompt)).astype(np.int32)
         with tempfile.TemporaryDirectory() as path:
             model.save_pretrained(path)

@@ -16,13 +16,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
-import transformers
 from flax.training import train_state
 
 from configs import sft as sft_config
 from diffchat_jax.models import bloom
 from diffchat_jax.sft import trainer
 from diffchat_jax.utils import optim
+from bench import shapes
 
 
 def parse_args():
@@ -101,11 +101,7 @@ def main():
           f"({args.threads} threads); batch {args.batch}, length {args.seq}, vocab {args.vocab}, {args.dtype}")
     print(f"{'shape':>9} {'ours tok/s':>11} {'torch tok/s':>12} {'ratio':>6} {'compile s':>10}")
     for shape in args.shapes.split(","):
-        n_layer, width, *heads = (int(v) for v in shape.split("x"))
-        torch.manual_seed(0)
-        hf_config = transformers.BloomConfig(vocab_size=args.vocab, hidden_size=width, n_layer=n_layer,
-                                             n_head=heads[0] if heads else max(width // 64, 1))
-        model = transformers.BloomForCausalLM(hf_config)
+        model = shapes.random_torch_bloom(shape, args.vocab)
         batch = make_batch(args, rng)
         with tempfile.TemporaryDirectory() as path:
             model.save_pretrained(path)
