@@ -35,8 +35,9 @@ demo: install
 test: install
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q $(PYTEST_ARGS)
 
+# Every benchmark in turn (CPU: about 20 minutes); each prints its numbers and ratios against its anchor.
 bench: install
-	$(PY) -m bench.sft_step
+	for b in sft_step rollout ppo_step ci_score scorers; do $(PY) -m bench.$$b || exit 1; done
 
 clean:
 	rm -rf $(VENV) workdirs build *.egg-info
