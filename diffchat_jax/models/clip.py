@@ -415,10 +415,8 @@ def hf_to_params(state: dict[str, np.ndarray]) -> dict:
 
 
 def _build(config: CLIPConfig, state: dict[str, np.ndarray], dtype):
-    params = hf_to_params(state)
-    expected = jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
-    hf_io.check_params(params, expected, "/".join, "CLIP")
-    params = jax.tree.map(lambda x: jnp.asarray(x, dtype), params)
+    params = hf_io.checked_params(hf_to_params(state), lambda: init_params(config, jax.random.key(0)), "/".join,
+                                  "CLIP", dtype)
     if "logit_scale" in params:
         # Scores scale by exp(logit_scale): in bf16 PickScore's log(100) would become 98.9.
         params["logit_scale"] = jnp.asarray(state["logit_scale"], jnp.float32)
@@ -431,6 +429,13 @@ def _read_config(folder: str, compute_dtype) -> CLIPConfig:
         raise FileNotFoundError(f"{config_path} is missing")
     with open(config_path) as f:
         return dataclasses.replace(CLIPConfig.from_hf(json.load(f)), dtype=compute_dtype)
+
+
+def from_state(config_dict: dict, state: dict[str, np.ndarray], dtype=jnp.float32, compute_dtype=None):
+    """A transformers config.json dict and an HF-named state dict in memory (e.g. the text encoder of a
+    single-file Stable Diffusion checkpoint) -> (CLIP, params), as `load_pretrained`."""
+    config = dataclasses.replace(CLIPConfig.from_hf(config_dict), dtype=compute_dtype or dtype)
+    return _build(config, state, dtype)
 
 
 def load_pretrained(path_or_id: str, dtype=jnp.float32, compute_dtype=None):
