@@ -28,6 +28,8 @@ setuptools.setup(
         "textblob>=0.19",  # offline POS tagger fallback (PatternTagger)
         "tensorboardX>=2.6",  # TensorBoard event files without TensorFlow
         "tqdm>=4.66",
+        "ml_dtypes>=0.5",  # bf16 tensors in safetensors files (single-file SD checkpoints)
+        "pillow>=10",  # PNG files of rendered images (prompt in the metadata)
     ],
     extras_require={
         # PyTorch is only needed for the reference models in tests and benchmarks. The pin matters: an unpinned
