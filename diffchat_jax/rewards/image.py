@@ -23,7 +23,7 @@ import transformers
 from diffchat_jax.models import clip
 from diffchat_jax.rewards import scorers
 from diffchat_jax.rewards.base import Component, RewardBatch, register
-from diffchat_jax.utils.mesh import make_mesh, replicate, shard_batch
+from diffchat_jax.utils.mesh import make_mesh, map_in_chunks, replicate
 
 
 def _images(batch: RewardBatch, name: str) -> np.ndarray:
@@ -38,23 +38,11 @@ def _images(batch: RewardBatch, name: str) -> np.ndarray:
 
 def _score_renders(fn, images: np.ndarray, per_response: tuple[np.ndarray, ...], batch_size: int, mesh) -> np.ndarray:
     """fn(images [C, H, W, 3], *rows [C, ...]) -> [C] over images [B, N, H, W, 3], each response's rows
-    (per_response [B, ...]) repeated for its N images; returns the mean over the N images [B].
-
-    Chunks hold min(batch_size, B * N) images rounded up to the device count; the last one is padded by
-    repeating its final image, so a run compiles one shape.
-    """
+    (per_response [B, ...]) repeated for its N images; returns the mean over the N images [B]."""
     n_images = images.shape[1]
     arrays = [images.reshape(-1, *images.shape[2:])] + [np.repeat(a, n_images, axis=0) for a in per_response]
-    devices = mesh.devices.size
-    total = len(arrays[0])
-    chunk = -(-min(batch_size, total) // devices) * devices
-    scores = []
-    for start in range(0, total, chunk):
-        part = [a[start:start + chunk] for a in arrays]
-        real = len(part[0])
-        part = [np.concatenate([p, np.repeat(p[-1:], chunk - real, axis=0)]) for p in part]
-        scores.append(np.asarray(fn(*shard_batch(part, mesh)), np.float32)[:real])
-    return np.concatenate(scores).reshape(images.shape[:2]).mean(axis=1)
+    scores = map_in_chunks(fn, arrays, batch_size, mesh).astype(np.float32)
+    return scores.reshape(images.shape[:2]).mean(axis=1)
 
 
 @register("aesthetic", needs_images=True)

@@ -35,3 +35,20 @@ def shard_batch(batch, mesh: Mesh):
 
 def replicate(tree, mesh: Mesh):
     return jax.device_put(tree, replicated(mesh))
+
+
+def map_in_chunks(fn, arrays: Sequence[np.ndarray], batch_size: int, mesh: Mesh) -> np.ndarray:
+    """fn(*chunks) -> [C, ...] over host arrays [N, ...] in chunks of C rows split on `data`; returns [N, ...].
+
+    C is min(batch_size, N) rounded up to the mesh's device count, and the last chunk is padded by repeating its
+    final row (its outputs dropped), so a jitted fn compiles one shape per run.
+    """
+    total = len(arrays[0])
+    chunk = -(-min(batch_size, total) // mesh.devices.size) * mesh.devices.size
+    outputs = []
+    for start in range(0, total, chunk):
+        part = [a[start:start + chunk] for a in arrays]
+        real = len(part[0])
+        part = [np.concatenate([p, np.repeat(p[-1:], chunk - real, axis=0)]) for p in part]
+        outputs.append(np.asarray(fn(*shard_batch(part, mesh)))[:real])
+    return np.concatenate(outputs)

@@ -1,0 +1,107 @@
+"""Stable Diffusion 1.x checkpoints -> the Flax text encoder, UNet and VAE, the tokenizer and the scheduler config.
+
+`load_pretrained(path_or_id)` reads
+  * a diffusers pipeline folder or hub id (model_index.json; text_encoder/, unet/, vae/, tokenizer/, scheduler/
+    with safetensors), as `StableDiffusionPipeline.save_pretrained` writes it (SD 1.5, Dreamlike-photoreal 2.0,
+    Realistic Vision and most hub models), or
+  * a single-file checkpoint in the original LDM key layout (`.safetensors`, or `.ckpt`), as Civitai ships
+    Deliberate and Realistic Vision. Such a file has no configs: they come from `config_from` (a diffusers
+    pipeline folder or hub id of the same architecture, which also gives the tokenizer and scheduler) or else
+    are SD 1.5's (`ldm.SD15_*`; the tokenizer is then openai/clip-vit-large-patch14's, from the hub).
+"""
+import dataclasses
+import json
+import os
+from typing import Any
+
+import jax.numpy as jnp
+import transformers
+
+from diffchat_jax.diffusion.tiny import SD15_SCHEDULER
+from diffchat_jax.models import clip, hf_io, ldm, unet as unet_lib, vae as vae_lib
+
+SD15_TOKENIZER = "openai/clip-vit-large-patch14"
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
+# What a pipeline folder needs from the hub (not the safety checker, nor .bin/.ckpt duplicates).
+_PIPELINE_FILES = ["model_index.json", "*/config.json", "*/*.safetensors", "*/*.safetensors.index.json",
+                   "tokenizer/*", "scheduler/*"]
+
+
+@dataclasses.dataclass(frozen=True)
+class StableDiffusion:
+    """The modules of an SD 1.x pipeline (params travel separately, as {"text_encoder", "unet", "vae"}).
+
+    latent_channels, vae_scale: latents are [B, latent_channels, H / vae_scale, W / vae_scale];
+    sample_size: the UNet's native latent size (images of sample_size * vae_scale pixels).
+    """
+    text_encoder: clip.CLIP
+    unet: unet_lib.UNet
+    vae: vae_lib.AutoencoderKL
+    tokenizer: Any  # a transformers CLIPTokenizer(Fast)
+    scheduler_config: dict
+
+    @property
+    def vae_scale(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def latent_channels(self) -> int:
+        return self.unet.config.in_channels
+
+    @property
+    def sample_size(self) -> int:
+        return self.unet.config.sample_size
+
+
+def _read_json(path: str) -> dict:
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} is missing")
+    with open(path) as f:
+        return json.load(f)
+
+
+def _folder_parts(folder: str) -> dict:
+    """Configs, tokenizer and scheduler config of a diffusers pipeline folder."""
+    if not os.path.exists(os.path.join(folder, "model_index.json")):
+        raise FileNotFoundError(f"{folder} is not a diffusers pipeline folder (no model_index.json)")
+    return {
+        "unet": _read_json(os.path.join(folder, "unet", "config.json")),
+        "vae": _read_json(os.path.join(folder, "vae", "config.json")),
+        "text_encoder": _read_json(os.path.join(folder, "text_encoder", "config.json")),
+        "scheduler": _read_json(os.path.join(folder, "scheduler", "scheduler_config.json")),
+        "tokenizer": transformers.AutoTokenizer.from_pretrained(os.path.join(folder, "tokenizer")),
+    }
+
+
+def _sd15_parts() -> dict:
+    return {"unet": ldm.SD15_UNET_CONFIG, "vae": ldm.SD15_VAE_CONFIG, "text_encoder": ldm.SD15_TEXT_CONFIG,
+            "scheduler": SD15_SCHEDULER, "tokenizer": transformers.AutoTokenizer.from_pretrained(SD15_TOKENIZER)}
+
+
+def load_pretrained(path_or_id: str, dtype=jnp.float32, compute_dtype=None,
+                    config_from: str | None = None) -> tuple[StableDiffusion, dict]:
+    """A diffusers pipeline (folder or hub id) or a single-file LDM checkpoint -> (StableDiffusion, params).
+
+    Params are cast to `dtype`; the compute dtype is `compute_dtype` or `dtype`. `config_from` only matters for a
+    single file (see the module docstring).
+    """
+    path = os.fspath(path_or_id)
+    kw = dict(dtype=dtype, compute_dtype=compute_dtype)
+    if path.endswith(SINGLE_FILE_SUFFIXES):
+        parts = _sd15_parts() if config_from is None else _folder_parts(
+            hf_io.resolve_folder(config_from, _PIPELINE_FILES))
+        states = ldm.split_checkpoint(ldm.read_checkpoint(hf_io.resolve_file(path)), parts["unet"], parts["vae"])
+        text_encoder, text_params = clip.from_state(parts["text_encoder"], states["text_encoder"], **kw)
+        unet, unet_params = unet_lib.from_state(parts["unet"], states["unet"], **kw)
+        vae, vae_params = vae_lib.from_state(parts["vae"], states["vae"], **kw)
+    else:
+        folder = hf_io.resolve_folder(path, _PIPELINE_FILES)
+        parts = _folder_parts(folder)
+        text_encoder, text_params = clip.load_pretrained(os.path.join(folder, "text_encoder"), **kw)
+        unet, unet_params = unet_lib.load_pretrained(os.path.join(folder, "unet"), **kw)
+        vae, vae_params = vae_lib.load_pretrained(os.path.join(folder, "vae"), **kw)
+    if text_encoder.config.text.hidden_size != unet.config.cross_attention_dim:
+        raise ValueError(f"{path}: the text encoder's width {text_encoder.config.text.hidden_size} is not the "
+                         f"UNet's cross_attention_dim {unet.config.cross_attention_dim}")
+    sd = StableDiffusion(text_encoder, unet, vae, parts["tokenizer"], dict(parts["scheduler"]))
+    return sd, {"text_encoder": text_params, "unet": unet_params, "vae": vae_params}
