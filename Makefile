@@ -25,9 +25,11 @@ install: $(STAMP)
 nltk-data: | $(PY)
 	$(PY) -m diffchat_jax.text.nltk_data
 
-# Tiny SFT, then tiny PPO starting from its export: the whole pipeline on CPU in a few minutes.
+# Tiny random SD + scorer models, tiny SFT, then tiny PPO (images rendered and scored) from the SFT export: the
+# whole pipeline on CPU in a few minutes.
 demo: install
 	rm -rf $(DEMO_WORKDIR)
+	$(PY) -m diffchat_jax.tiny_models workdirs/tiny-models
 	$(PY) -m diffchat_jax.main --config=configs/sft.py:tiny --workdir=$(DEMO_WORKDIR)/sft
 	$(PY) -m diffchat_jax.main --config=configs/ppo.py:tiny --workdir=$(DEMO_WORKDIR)/ppo \
 	    --config.model.name_or_path=$(DEMO_WORKDIR)/sft
@@ -37,7 +39,7 @@ test: install
 
 # Every benchmark in turn (CPU: about 20 minutes); each prints its numbers and ratios against its anchor.
 bench: install
-	for b in sft_step rollout ppo_step ci_score scorers; do $(PY) -m bench.$$b || exit 1; done
+	for b in sft_step rollout ppo_step ci_score scorers render; do $(PY) -m bench.$$b || exit 1; done
 
 clean:
 	rm -rf $(VENV) workdirs build *.egg-info

@@ -82,4 +82,24 @@ def get_config():
         model="yuvalkirstain/PickScore_v1",
         processor="laion/CLIP-ViT-H-14-laion2B-s32B-b79K",  # tokenizer source; "" = the model folder
         dtype="float32", batch_size=64))
+
+    # Rendering the responses for the image rewards (diffchat_jax/diffusion/): an SD 1.x pipeline in the diffusers
+    # layout (folder or hub id) or a single-file LDM checkpoint (.safetensors/.ckpt, e.g. from Civitai).
+    c.render = ml_collections.ConfigDict(dict(
+        model="stable-diffusion-v1-5/stable-diffusion-v1-5",  # the paper's reward renderer (SD 1.5)
+        config_from="",  # single files only: a diffusers pipeline with the configs + tokenizer ("" = SD 1.5's)
+        solver="dpmpp_2m",  # "ddim", "dpmpp_2m" (DPM-Solver++ 2M) or "euler_ancestral"
+        num_steps=20,
+        guidance_scale=7.5,  # classifier-free guidance; <= 1 turns it off
+        negative_prompt="",
+        height=0, width=0,  # 0 = the model's native size (512 for SD 1.5)
+        images_per_prompt=1,  # a response's image rewards are the mean over its images
+        seed=0,
+        # "fixed": image n of every response starts from seed + n, every iteration (the paper's fixed seeds: the
+        # rewards of two prompts compare them on the same noise); "per_iteration": fresh seeds each iteration.
+        seed_policy="fixed",
+        dtype="float32",  # "bfloat16" on accelerators (params and compute; norms and softmax stay float32)
+        batch_size=8,  # prompts per jitted call (rounded up to a multiple of the local device count)
+        log_every=10,  # iterations between logged image grids (TensorBoard + PNG files); 0 = never
+        log_images=8))  # responses in a logged grid (their first image each)
     return c

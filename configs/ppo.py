@@ -2,7 +2,8 @@
 
   python -m diffchat_jax.main --config=configs/ppo.py --config.model.name_or_path=workdirs/sft/export \
       --config.data.train=/path/to/instructpe.json
-  python -m diffchat_jax.main --config=configs/ppo.py:tiny   # after configs/sft.py:tiny; CPU, minutes
+  python -m diffchat_jax.tiny_models && python -m diffchat_jax.main --config=configs/ppo.py:tiny
+      # after configs/sft.py:tiny; tiny random SD + scorers; CPU, minutes
 
 Variants (combine with commas, e.g. `:tiny,no_vci`): tiny; no_vci (alpha = 0); no_negative (no ADM pi-);
 no_positive (plain top-p sampling instead of ADM pi+ typical sampling); no_adm (both).
@@ -11,6 +12,8 @@ import ml_collections
 
 from configs import base
 from configs.sft import SAMPLE
+
+TINY_MODELS = "workdirs/tiny-models"  # python -m diffchat_jax.tiny_models (make demo builds them)
 
 
 def get_config(arg=None):
@@ -60,6 +63,10 @@ def get_config(arg=None):
     c.adm.positive = True
     c.adm.negative = True  # pi-: keyword removal / replacement plans for adm.negative_fraction of the samples
 
+    # The paper's APC feedback: aesthetics, preference (PickScore) and content integrity. The paper gives no
+    # weights; all 1: their spreads across prompts are alike (aesthetic ~0.5, PickScore ~1, CI 0..1).
+    c.reward.components = ml_collections.ConfigDict({"aesthetic": 1.0, "pickscore": 1.0, "ci": 1.0})
+
     c.log_every = 1  # iterations
     c.sample_log_every = 10  # iterations between sample responses written to samples.jsonl
     c.samples_per_log = 8
@@ -89,4 +96,13 @@ def get_config(arg=None):
         c.ci.threshold = 0.0  # a dense reward for the tiny model, which rarely reaches 0.7
         c.sample_log_every = 5
         c.checkpoint_every = 10
+        # Tiny random SD 1.x and scorers (32x32 images): the whole loop, images included, on CPU.
+        c.render.model = f"{TINY_MODELS}/sd"
+        c.render.num_steps = 4
+        c.render.batch_size = 32
+        c.render.log_every = 5
+        c.reward.aesthetic.clip_model = f"{TINY_MODELS}/scorers/clip"
+        c.reward.aesthetic.mlp_weights = f"{TINY_MODELS}/scorers/aesthetic_mlp.pth"
+        c.reward.pickscore.model = f"{TINY_MODELS}/scorers/pickscore"
+        c.reward.pickscore.processor = ""
     return c

@@ -4,9 +4,11 @@ import json
 import numpy as np
 import pytest
 import safetensors.numpy
+from PIL import Image
 
 from configs import ppo as ppo_config
 from tests import helpers
+from diffchat_jax import tiny_models as tiny_models_lib
 from diffchat_jax.rewards import base as reward_base, combine
 from diffchat_jax.rl import trainer
 from diffchat_jax.text import keywords
@@ -32,9 +34,19 @@ def sft_dir(tmp_path_factory):
     return str(workdir)
 
 
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory):
+    """The tiny random SD pipeline and scorers of `python -m diffchat_jax.tiny_models`, as config overrides."""
+    paths = tiny_models_lib.build(str(tmp_path_factory.mktemp("tiny-models")))
+    return {"render.model": paths["sd"], "reward.aesthetic.clip_model": paths["clip"],
+            "reward.aesthetic.mlp_weights": paths["mlp_weights"], "reward.pickscore.model": paths["pickscore"]}
+
+
 def tiny_config(sft_dir, **overrides):
+    """ppo.py:tiny with the CI reward only (no rendering), for the tests of everything but the images."""
     config = ppo_config.get_config("tiny")
     config.model.name_or_path = sft_dir
+    config.reward.components = {"ci": 1.0}
     return helpers.override(config, **overrides)
 
 
@@ -65,21 +77,36 @@ def test_tiny_ppo_learns_a_text_reward_with_bounded_kl(sft_dir, tmp_path):
     assert any(r["negatives"] > 0 for r in rows)  # ADM pi- plans were used
 
 
-def test_tiny_ppo_cli_end_to_end(sft_dir, tmp_path):
-    """The demo command: CI reward, ADM, VCI; writes metrics, samples, checkpoints and the export."""
+def test_tiny_ppo_cli_end_to_end(sft_dir, tiny_models, tmp_path):
+    """The demo command: images rendered by the tiny SD and scored (aesthetic, PickScore) with CI, ADM, VCI;
+    writes metrics, samples, image grids and PNGs, checkpoints and the export."""
     out = finish(main_process("configs/ppo.py:tiny", tmp_path, f"--config.model.name_or_path={sft_dir}",
-                              "--config.ppo.epochs=1"))
+                              "--config.ppo.epochs=1", *(f"--config.{k}={v}" for k, v in tiny_models.items())))
     assert "sample responses:" in out and "transformers export" in out
     rows = [r for r in metrics_lib.read_metrics(tmp_path) if "reward_ci" in r]
     assert len(rows) == 7 and all(0.0 <= r["reward_ci"] <= 1.0 for r in rows)
+    assert all(np.isfinite(r["reward_aesthetic"]) and np.isfinite(r["reward_pickscore"]) for r in rows)
+    assert all(r["time_render_s"] > 0 for r in rows)
     samples = [json.loads(line) for line in open(tmp_path / "samples.jsonl", encoding="utf-8")]
-    assert samples and all({"x", "i", "response", "ci", "negative", "edits"} <= set(s) for s in samples)
+    assert samples and all({"x", "i", "response", "ci", "aesthetic", "pickscore", "negative", "edits"} <= set(s)
+                           for s in samples)
+    # Image grids at iterations 1 and 5 (render.log_every 5): PNGs with their prompts, and TensorBoard images.
+    logged = sorted(p.name for p in (tmp_path / "images").iterdir())
+    assert logged == ["000001", "000005"], logged
+    pngs = sorted((tmp_path / "images" / "000005").glob("*.png"))
+    assert len(pngs) == 8
+    with Image.open(pngs[0]) as image:
+        assert image.size == (32, 32) and image.text["prompt"] and image.text["seed"] == "0"
+    events = list(tmp_path.glob("events.out.tfevents.*"))
+    assert events and any(b"samples" in e.read_bytes() for e in events)
     assert (tmp_path / "export" / "value_head.safetensors").exists()
 
 
 @pytest.mark.slow
-def test_kill_and_resume_matches_uninterrupted(sft_dir, tmp_path):
-    flags = [f"--config.model.name_or_path={sft_dir}", "--config.ppo.epochs=1", "--config.checkpoint_every=2"]
+def test_kill_and_resume_matches_uninterrupted(sft_dir, tiny_models, tmp_path):
+    """With the image rewards on: rendering, too, must continue exactly where the killed run stopped."""
+    flags = [f"--config.model.name_or_path={sft_dir}", "--config.ppo.epochs=1", "--config.checkpoint_every=2",
+             *(f"--config.{k}={v}" for k, v in tiny_models.items())]
     full = tmp_path / "full"
     finish(main_process("configs/ppo.py:tiny", full, *flags))
     killed = tmp_path / "killed"
@@ -115,11 +142,15 @@ def test_nonfinite_reward_masked_when_asked(sft_dir, tmp_path):
     assert np.isfinite(result["last_reward"]) and all(np.isfinite(r["policy_loss"]) for r in rows)
 
 
-def test_image_rewards_need_a_renderer(sft_dir, tmp_path):
-    config = tiny_config(sft_dir)
+def test_image_rewards_need_a_stable_diffusion_model(sft_dir, tmp_path):
+    config = tiny_config(sft_dir, **{"render.model": str(tmp_path / "nope")})
     config.reward.components = {"ci": 1.0, "aesthetic": 1.0}
-    with pytest.raises(Exception, match="config.reward.components.aesthetic scores rendered images"):
+    with pytest.raises(Exception, match="config.render.model not found: .*nope .*python -m diffchat_jax.tiny_models"):
         trainer.train_and_evaluate(config, str(tmp_path))
+    config.render.model = sft_dir
+    config.render.solver = "plms"
+    with pytest.raises(Exception, match="config.render.solver"):
+        trainer.validate_config(config, num_devices=1)
 
 
 def test_bad_ppo_config_names_the_field(sft_dir):

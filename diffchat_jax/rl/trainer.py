@@ -2,7 +2,8 @@
 
 `train_and_evaluate(config, workdir)` runs or resumes the job. One iteration:
   prompts T(x, i) -> jitted rollout (pi+ typical sampling; pi- keyword plans for a fraction of samples)
-  -> decode -> reward components (CI, images ...) -> combined, normalised scalar reward
+  -> decode -> render the responses with Stable Diffusion (when an image reward is on; fixed seeds)
+  -> reward components (CI, aesthetic, PickScore ...) -> combined, normalised scalar reward
   -> prefix CI of every response (VCI) -> jitted experience (log-probs, values, reference log-probs, GAE)
   -> jitted update (epochs x minibatches; only the last N blocks, ln_f and the value head train)
   -> adaptive KL coefficient, metrics, samples, checkpoints.
@@ -21,6 +22,7 @@ import tqdm
 from diffchat_jax.data import examples as examples_lib
 from diffchat_jax.data import tokenize as tokenize_lib
 from diffchat_jax.data import tokenizer as tokenizer_lib
+from diffchat_jax.diffusion import images as images_lib, pipeline as sd_pipeline, render as render_lib, schedulers
 from diffchat_jax.models import bloom
 from diffchat_jax.rewards import base as reward_base, combine
 from diffchat_jax.rewards import ci as _ci, image as _image  # noqa: F401  (register "ci", "aesthetic", "pickscore")
@@ -62,15 +64,64 @@ def validate_config(config, num_devices: int) -> None:
     require(len(config.reward.components) > 0, "reward.components", "is empty")
     for name in config.reward.components:
         one_of(name, reward_base.registered(), f"reward.components.{name}")
+    if renders_images(config):
+        validate_render_config(config.render)
     one_of(m.compute_dtype, DTYPES, "model.compute_dtype")
     one_of(m.param_dtype, DTYPES, "model.param_dtype")
     require(bool(m.name_or_path), "model.name_or_path", "is empty: set the SFT workdir or export folder")
-    looks_local = m.name_or_path.startswith((".", "/", "~")) or m.name_or_path.startswith("workdirs")
-    require(not looks_local or os.path.isdir(m.name_or_path), "model.name_or_path",
+    require(not _looks_local(m.name_or_path) or os.path.isdir(m.name_or_path), "model.name_or_path",
             f"not found: {m.name_or_path} (run SFT first, e.g. "
             f"python -m diffchat_jax.main --config=configs/sft.py:tiny)")
     require(bool(config.data.train), "data.train", "is empty")
     check_data_source(config.data.train, "data.train")
+
+
+def renders_images(config) -> bool:
+    return any(reward_base.needs_images(name) for name in config.reward.components)
+
+
+def _looks_local(path: str) -> bool:
+    return path.startswith((".", "/", "~", "workdirs"))
+
+
+def validate_render_config(r) -> None:
+    require(bool(r.model), "render.model", "is empty: image rewards need a Stable Diffusion checkpoint")
+    require(not _looks_local(r.model) or os.path.exists(r.model), "render.model",
+            f"not found: {r.model} (tiny random models for the tiny configs: python -m diffchat_jax.tiny_models)")
+    one_of(r.solver, schedulers.SOLVERS, "render.solver")
+    one_of(r.seed_policy, ("fixed", "per_iteration"), "render.seed_policy")
+    one_of(r.dtype, DTYPES, "render.dtype")
+    for field in ("num_steps", "images_per_prompt", "batch_size"):
+        require(r[field] >= 1, f"render.{field}", f"must be >= 1, got {r[field]}")
+    require(r.height >= 0 and r.width >= 0, "render.height/width", "must be >= 0 (0 = the model's size)")
+
+
+def build_renderer(config) -> render_lib.Renderer:
+    r = config.render
+    sd, params = sd_pipeline.load_pretrained(r.model, dtype=DTYPES[r.dtype], config_from=r.config_from or None)
+    try:
+        settings = render_lib.RenderSettings.from_config(r)
+        return render_lib.Renderer(sd, params, settings, batch_size=r.batch_size)
+    except ValueError as e:  # e.g. an image size the UNet cannot take
+        raise ConfigError(f"config.render: {e}") from e
+
+
+def render_seeds(r, iteration: int, batch_size: int) -> np.ndarray:
+    """[B, N] seeds of the N images of each of B responses under `render.seed_policy`."""
+    first = r.seed + (iteration * r.images_per_prompt if r.seed_policy == "per_iteration" else 0)
+    return np.broadcast_to(first + np.arange(r.images_per_prompt), (batch_size, r.images_per_prompt))
+
+
+def log_images(workdir: str, writer, iteration: int, responses, images: np.ndarray, seeds: np.ndarray,
+               count: int, model: str) -> None:
+    """The first image of the first `count` responses: a TensorBoard grid and one PNG each (prompt in metadata)."""
+    count = min(count, len(responses))
+    folder = os.path.join(workdir, "images", f"{iteration:06d}")
+    for b in range(count):
+        images_lib.save_png(os.path.join(folder, f"{b:03d}.png"), images[b, 0],
+                            {"prompt": responses[b], "seed": int(seeds[b, 0]), "model": model,
+                             "iteration": iteration})
+    writer.write_image(iteration, "samples", images_lib.grid(images[:count, 0], columns=min(count, 4)))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -165,16 +216,14 @@ def train_and_evaluate(config, workdir: str, mesh=None) -> dict[str, float]:
     total_iterations = p.epochs * iterations_per_epoch
     updates_per_iteration = p.ppo_epochs * (p.batch_size // p.minibatch_size)
     tx = optim.make_optimizer(p, optim.make_schedule(p, total_iterations * updates_per_iteration))
-    for name in config.reward.components:  # before loading any scorer: fail fast
-        require(not reward_base.needs_images(name), f"reward.components.{name}",
-                "scores rendered images, and PPO has no image renderer yet (the Stable Diffusion issue adds it)")
+    renderer = build_renderer(config) if renders_images(config) else None
     components = {name: reward_base.make_component(name, config) for name in config.reward.components}
     weights = dict(config.reward.components)
     print(f"{len(setup.data)} prompts, {iterations_per_epoch} iterations per epoch, {total_iterations} "
           f"iterations on {mesh.size} device(s); tagger: {keywords.get_tagger(config.ci.tagger).name}")
 
     state = {"trainable": trainable, "opt_state": tx.init(trainable), "beta": np.float32(config.kl.init),
-             "moments": np.zeros(3, np.float64), "iteration": np.int32(0)}
+             "moments": np.zeros(3, np.float32), "iteration": np.int32(0)}
     state = mesh_lib.replicate(state, mesh)
     frozen, ref_params = mesh_lib.replicate((frozen, ref_params), mesh)
     ckpt = checkpoint.manager(os.path.join(workdir, "checkpoints"), config.keep_checkpoints)
@@ -228,14 +277,24 @@ def train_and_evaluate(config, workdir: str, mesh=None) -> dict[str, float]:
             lengths = response_mask.sum(1)
             times["rollout"] = time.perf_counter() - t0
 
+            responses = [s.strip() for s in setup.tokenizer.batch_decode(
+                [r[:n] for r, n in zip(response_ids, lengths)], skip_special_tokens=True)]
+
+            # Images of the responses (for the image rewards): N per response, seeds by render.seed_policy.
+            images = seeds = None
+            if renderer is not None:
+                t0 = time.perf_counter()
+                seeds = render_seeds(config.render, it, len(rows))
+                images = renderer(np.repeat(responses, seeds.shape[1]).tolist(), seeds.reshape(-1))
+                images = images.reshape(*seeds.shape, *images.shape[1:])  # [B, N, H, W, 3]
+                times["render"] = time.perf_counter() - t0
+
             # Rewards and prefix CI.
             t0 = time.perf_counter()
-            responses = setup.tokenizer.batch_decode([r[:n] for r, n in zip(response_ids, lengths)],
-                                                     skip_special_tokens=True)
             examples = [setup.examples[setup.data.example_index[r]] for r in rows]
             batch = reward_base.RewardBatch(x_o=[r[0] for r in refs], i=[r[1] for r in refs],
                                             y_o=[r[2] for r in refs], x=[e.x for e in examples],
-                                            responses=[s.strip() for s in responses])
+                                            responses=responses, images=images)
             scores = combine.score_components(components, batch)
             raw_reward, valid = combine.combine(scores, weights, batch, config.reward.on_nonfinite)
             moments = combine.Moments(*(float(v) for v in np.asarray(state["moments"])))
@@ -276,7 +335,10 @@ def train_and_evaluate(config, workdir: str, mesh=None) -> dict[str, float]:
             new_beta = kl_lib.update_beta(beta, mean_kl, len(rows), adaptive=config.kl.adaptive,
                                           target=config.kl.target, horizon=config.kl.horizon)
             state = {"trainable": trainable, "opt_state": opt_state, "beta": np.float32(new_beta),
-                     "moments": np.array([moments.count, moments.mean, moments.m2]), "iteration": np.int32(it + 1)}
+                     # float32, as a checkpoint restores it (jax arrays without x64): a resumed run normalises
+                     # with exactly the moments an uninterrupted one has.
+                     "moments": np.array([moments.count, moments.mean, moments.m2], np.float32),
+                     "iteration": np.int32(it + 1)}
             mean_reward = float(raw_reward[valid].mean()) if valid.any() else float("nan")
             first_reward = mean_reward if it == start else first_reward
             last_reward = mean_reward
@@ -297,6 +359,10 @@ def train_and_evaluate(config, workdir: str, mesh=None) -> dict[str, float]:
             if is_main and ((it + 1) % config.sample_log_every == 0 or it == start):
                 log_samples(samples_path, it + 1, setup, rows, batch.responses, scores, raw_reward, plans,
                             config.samples_per_log)
+            if (writer and images is not None and config.render.log_every
+                    and ((it + 1) % config.render.log_every == 0 or it == start)):
+                log_images(workdir, writer, it + 1, responses, images, seeds, config.render.log_images,
+                           config.render.model)
             if (it + 1) % config.checkpoint_every == 0 or it + 1 == total_iterations:
                 checkpoint.save(ckpt, it + 1, state)
     ckpt.wait_until_finished()
@@ -310,4 +376,6 @@ def train_and_evaluate(config, workdir: str, mesh=None) -> dict[str, float]:
         writer.close()
         print(f"checkpoints: {ckpt.directory}\nmetrics (TensorBoard + metrics.jsonl): {workdir}\n"
               f"sample responses: {samples_path}\ntransformers export (policy + value head): {export_dir}")
+        if renderer is not None and config.render.log_every:
+            print(f"rendered samples (PNG, prompt in the metadata; also TensorBoard images): {workdir}/images")
     return {"first_reward": first_reward, "last_reward": last_reward, "iterations": total_iterations}

@@ -1,4 +1,5 @@
-"""One metrics writer: TensorBoard event files, a metrics.jsonl file (easy to read back), and the console."""
+"""One metrics writer: TensorBoard event files (scalars, images), a metrics.jsonl file (easy to read back), and the
+console."""
 import json
 import os
 
@@ -26,6 +27,11 @@ class MetricWriter:
         self._jsonl.flush()
         # tqdm.write keeps an active progress bar intact.
         tqdm.tqdm.write(f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in scalars.items()))
+
+    def write_image(self, step: int, name: str, image) -> None:
+        """An image summary: image [H, W, 3] uint8 (e.g. a grid of rendered samples)."""
+        self._tb.add_image(name, image, step, dataformats="HWC")
+        self._tb.flush()
 
     def close(self) -> None:
         self._tb.close()
