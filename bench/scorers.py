@@ -16,7 +16,6 @@ prompts per pair.
 import argparse
 import os
 import tempfile
-import time
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +23,7 @@ import numpy as np
 import torch
 import transformers
 
+from bench.timing import timed, torch_rate
 from diffchat_jax.models import clip
 from diffchat_jax.rewards import scorers
 
@@ -59,23 +59,6 @@ def hf_model(shape: str) -> transformers.CLIPModel:
                            intermediate_size=4 * v_width, patch_size=patch, image_size=224, hidden_act=act),
         projection_dim=projection)
     return transformers.CLIPModel(config).eval()
-
-
-def timed(fn, steps):
-    """(calls/s over `steps` calls, seconds of the first call) with results forced to be ready."""
-    start = time.perf_counter()
-    jax.block_until_ready(fn())
-    first = time.perf_counter() - start
-    jax.block_until_ready(fn())
-    start = time.perf_counter()
-    for _ in range(steps):
-        jax.block_until_ready(fn())
-    return steps / (time.perf_counter() - start), first
-
-
-def torch_rate(fn, steps, threads):
-    torch.set_num_threads(threads)
-    return timed(fn, steps)[0]
 
 
 def torch_scorers(model, mlp, pixels_of, device, autocast):
