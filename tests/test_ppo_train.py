@@ -158,3 +158,14 @@ def test_bad_ppo_config_names_the_field(sft_dir):
         trainer.validate_config(tiny_config(sft_dir, **{"ppo.batch_size": 30}), num_devices=1)
     with pytest.raises(Exception, match="config.model.name_or_path not found: /nope"):
         trainer.validate_config(tiny_config("/nope"), num_devices=1)
+
+
+def test_render_seeds_follow_the_seed_policy():
+    import ml_collections
+    r = ml_collections.ConfigDict(dict(seed=10, images_per_prompt=3, seed_policy="fixed"))
+    fixed = trainer.render_seeds(r, iteration=7, batch_size=2)
+    np.testing.assert_array_equal(fixed, [[10, 11, 12], [10, 11, 12]])  # every response, every iteration
+    np.testing.assert_array_equal(trainer.render_seeds(r, iteration=0, batch_size=2), fixed)
+    r.seed_policy = "per_iteration"
+    np.testing.assert_array_equal(trainer.render_seeds(r, iteration=0, batch_size=1), [[10, 11, 12]])
+    np.testing.assert_array_equal(trainer.render_seeds(r, iteration=2, batch_size=1), [[16, 17, 18]])
