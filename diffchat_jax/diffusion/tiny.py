@@ -6,7 +6,8 @@ tensor names of SD 1.5 and SD 1.5's scheduler config, at one of these sizes:
 
     tiny   UNet (32, 64) with 2 heads, 2 blocks per level; VAE (16, 32) (x2 down); CLIP text 2x32; 32x32 images
     mid    UNet (64, 128, 256, 256) with 8 heads, SD 1.5's block types; VAE (32, 64, 128, 128) (x8); CLIP text
-           4x128; 128x128 images
+           4x128; 256x256 images (32x32 latents: the deepest level is 4x4; at 2x2 XLA:CPU rewrites its 3x3 convs
+           into slow reversed-kernel ones, which SD 1.5's 8x8 never meets)
     sd15   SD 1.5's architecture with random weights (860M UNet); 512x512 images (GPU benchmarks)
 """
 import os
@@ -28,9 +29,9 @@ SIZES = {
                  down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2),
         text=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)),
     "mid": dict(
-        unet=dict(sample_size=16, block_out_channels=(64, 128, 256, 256), layers_per_block=2, cross_attention_dim=128,
+        unet=dict(sample_size=32, block_out_channels=(64, 128, 256, 256), layers_per_block=2, cross_attention_dim=128,
                   attention_head_dim=8, norm_num_groups=32, down_block_types=_CROSS_DOWN, up_block_types=_CROSS_UP),
-        vae=dict(sample_size=128, block_out_channels=(32, 64, 128, 128), layers_per_block=2, norm_num_groups=32,
+        vae=dict(sample_size=256, block_out_channels=(32, 64, 128, 128), layers_per_block=2, norm_num_groups=32,
                  down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4),
         text=dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4)),
     "sd15": dict(
