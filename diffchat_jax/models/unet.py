@@ -167,7 +167,7 @@ class Attention(nn.Module):
                    .reshape(inp.shape[0], inp.shape[1], self.num_heads, head_dim)
                    for p, inp in (("q", x), ("k", context), ("v", context)))
         # Scores and softmax in float32 whatever the dtype (what diffusers' upcast_attention asks for).
-        out = jax.nn.dot_product_attention(q, k, v).reshape(batch, length, self.num_heads * head_dim)
+        out = sd_layers.attention(q, k, v).reshape(batch, length, self.num_heads * head_dim)
         return nn.Dense(channels, dtype=dtype, name="to_out_0")(out)
 
 

@@ -94,10 +94,8 @@ class Attention(nn.Module):
         cfg = self.config
         batch, height, width, channels = x.shape
         h = _group_norm(cfg, "group_norm")(x).reshape(batch, height * width, channels)
-        q, k, v = (nn.Dense(channels, dtype=cfg.dtype, name=f"to_{p}")(h) for p in "qkv")
-        scores = jnp.einsum("btc,bsc->bts", q, k, preferred_element_type=jnp.float32) * channels ** -0.5
-        probs = jax.nn.softmax(scores, axis=-1).astype(cfg.dtype)
-        out = nn.Dense(channels, dtype=cfg.dtype, name="to_out_0")(jnp.einsum("bts,bsc->btc", probs, v))
+        q, k, v = (nn.Dense(channels, dtype=cfg.dtype, name=f"to_{p}")(h)[:, :, None] for p in "qkv")  # one head
+        out = nn.Dense(channels, dtype=cfg.dtype, name="to_out_0")(sd_layers.attention(q, k, v)[:, :, 0])
         return x + out.reshape(x.shape)
 
 
