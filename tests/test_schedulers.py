@@ -12,7 +12,7 @@ import torch
 from numpy.testing import assert_allclose, assert_array_equal
 
 from diffchat_jax.diffusion import schedulers
-from diffchat_jax.diffusion.tiny import SD15_SCHEDULER
+from diffchat_jax.models.ldm import SD15_SCHEDULER
 
 REFERENCE = {"ddim": diffusers.DDIMScheduler, "dpmpp_2m": diffusers.DPMSolverMultistepScheduler,
              "euler_ancestral": diffusers.EulerAncestralDiscreteScheduler}

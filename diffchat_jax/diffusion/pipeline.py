@@ -17,7 +17,6 @@ from typing import Any
 import jax.numpy as jnp
 import transformers
 
-from diffchat_jax.diffusion.tiny import SD15_SCHEDULER
 from diffchat_jax.models import clip, hf_io, ldm, unet as unet_lib, vae as vae_lib
 
 SD15_TOKENIZER = "openai/clip-vit-large-patch14"
@@ -75,7 +74,7 @@ def _folder_parts(folder: str) -> dict:
 
 def _sd15_parts() -> dict:
     return {"unet": ldm.SD15_UNET_CONFIG, "vae": ldm.SD15_VAE_CONFIG, "text_encoder": ldm.SD15_TEXT_CONFIG,
-            "scheduler": SD15_SCHEDULER, "tokenizer": transformers.AutoTokenizer.from_pretrained(SD15_TOKENIZER)}
+            "scheduler": ldm.SD15_SCHEDULER, "tokenizer": transformers.AutoTokenizer.from_pretrained(SD15_TOKENIZER)}
 
 
 def load_pretrained(path_or_id: str, dtype=jnp.float32, compute_dtype=None,

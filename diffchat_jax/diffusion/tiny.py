@@ -12,10 +12,7 @@ tensor names of SD 1.5 and SD 1.5's scheduler config, at one of these sizes:
 """
 import os
 
-# SD 1.5's scheduler/scheduler_config.json (PNDM); solvers are built from it like `DDIMScheduler.from_config`.
-SD15_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
-                      set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1, clip_sample=False,
-                      prediction_type="epsilon", timestep_spacing="leading", trained_betas=None)
+from diffchat_jax.models.ldm import SD15_SCHEDULER
 
 _CROSS_DOWN = ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",)
 _CROSS_UP = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3

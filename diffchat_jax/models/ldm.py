@@ -52,6 +52,11 @@ SD15_TEXT_CONFIG = {
     "projection_dim": 768, "vocab_size": 49408,
 }
 
+# SD 1.5's scheduler/scheduler_config.json (PNDM); solvers are built from it like `DDIMScheduler.from_config`.
+SD15_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+                      set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1, clip_sample=False,
+                      prediction_type="epsilon", timestep_spacing="leading", trained_betas=None)
+
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 TEXT_PREFIX = "cond_stage_model.transformer."
