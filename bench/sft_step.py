@@ -21,7 +21,7 @@ from flax.training import train_state
 from configs import sft as sft_config
 from diffchat_jax.models import bloom
 from diffchat_jax.sft import trainer
-from diffchat_jax.utils import optim
+from diffchat_jax.utils import mesh as mesh_lib, optim
 from bench import shapes
 
 
@@ -49,18 +49,19 @@ def time_jax(path, batch, args):
     module, params = bloom.load_pretrained(path, dtype=jnp.float32, compute_dtype=dtype)
     config = sft_config.get_config()
     tx = optim.make_optimizer(config.train, optim.make_schedule(config.train, 1000))
-    state = train_state.TrainState.create(apply_fn=module.apply, params=params, tx=tx)
-    step = jax.jit(trainer.train_step, static_argnums=2, donate_argnums=0)
-    batch = jax.device_put(batch)
+    mesh = mesh_lib.make_mesh(jax.devices()[:1])
+    state = mesh_lib.shard_params(train_state.TrainState.create(apply_fn=module.apply, params=params, tx=tx), mesh)
+    step = trainer.make_steps(module, 1, config.train.logprob_chunk, mesh, state).train
+    batch = mesh_lib.shard_batch(batch, mesh)
     start = time.perf_counter()
-    state, metrics = step(state, batch, 1)
+    state, metrics = step(state, batch)
     jax.block_until_ready(metrics)
     compile_s = time.perf_counter() - start
-    state, metrics = step(state, batch, 1)  # one more warm-up
+    state, metrics = step(state, batch)  # one more warm-up
     jax.block_until_ready(metrics)
     start = time.perf_counter()
     for _ in range(args.steps):
-        state, metrics = step(state, batch, 1)
+        state, metrics = step(state, batch)
     jax.block_until_ready(metrics)
     return args.batch * args.seq * args.steps / (time.perf_counter() - start), compile_s
 

@@ -8,6 +8,12 @@ def get_config():
     c.seed = 0
     # Initialise jax.distributed (multi-host runs); single-host runs leave it off.
     c.distributed = False
+    # The device mesh (diffchat_jax/utils/mesh.py): batches split over every device; params and optimizer state
+    # replicated (fsdp 1) or split over groups of `fsdp` devices (GSPMD), for models that do not fit replicated.
+    c.mesh = ml_collections.ConfigDict({"fsdp": 1})
+    # Stop at start-up when XLA's estimate of the peak memory per device (printed by every trainer; also
+    # `python -m diffchat_jax.memory`) exceeds this many GiB; 0 = no check.
+    c.memory_limit_gib = 0.0
 
     c.model = ml_collections.ConfigDict()
     # A transformers BLOOM checkpoint: hub id or local folder (config.json + safetensors). Empty with

@@ -29,6 +29,7 @@ def get_config(arg=None):
     c.train.b2 = 0.95
     c.train.eps = 1e-8
     c.train.grad_clip = 1.0  # global-norm clipping; 0 disables
+    c.train.logprob_chunk = 32  # positions per LM-head chunk in the loss: the [B, chunk, V] logits are the peak
 
     if arg == "tiny":
         c.model.name_or_path = ""

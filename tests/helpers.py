@@ -9,12 +9,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def override(config, **dotted):
     """Sets `config.a.b = v` for every `a.b=v` keyword (dots given as in `--config.a.b`)."""
-    for name, value in dotted.items():
-        node = config
-        *parents, leaf = name.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
+    config.update_from_flattened_dict(dotted)
     return config
 
 

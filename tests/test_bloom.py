@@ -311,3 +311,44 @@ def test_post_layernorm_residual_matches_torch(tmp_path):
     assert module.config.apply_residual_connection_post_layernorm
     ids, mask = left_padded(np.random.default_rng(9), module.config.vocab_size, [6, 6], 6)
     assert_allclose(flax_out(module, params, ids, mask).logits, torch_logits(model, ids, mask), atol=1e-4, rtol=0)
+
+
+def test_partial_calls_compose_to_the_full_call(checkpoint):
+    """blocks=(0, k) then blocks=(k, n) from its hidden state == the full call; head=False's hidden through
+    lm_logits == the logits (PPO runs the frozen blocks once and the trainable ones from their output)."""
+    _, folder = checkpoint
+    module, params = bloom.load_pretrained(folder, value_head=True)
+    params["value_head"]["kernel"] = jnp.ones_like(params["value_head"]["kernel"]) * 0.1
+    cfg = module.config
+    ids, mask = left_padded(np.random.default_rng(10), cfg.vocab_size, [6, 3], 6)
+    full = module.apply({"params": params}, ids, mask)
+    for k in range(1, cfg.n_layer):
+        lower = module.apply({"params": params}, ids, mask, blocks=(0, k))
+        assert lower.logits is None and lower.hidden.shape == (2, 6, cfg.hidden_size)
+        upper = module.apply({"params": params}, None, mask, blocks=(k, cfg.n_layer), hidden=lower.hidden)
+        assert_allclose(upper.logits, full.logits, rtol=1e-5, atol=1e-5)
+        assert_allclose(upper.values, full.values, rtol=1e-5, atol=1e-6)
+    headless = module.apply({"params": params}, ids, mask, head=False)
+    assert headless.logits is None
+    logits = bloom.lm_logits(headless.hidden, params["word_embeddings"]["embedding"], cfg.dtype)
+    assert_allclose(logits, full.logits, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="pass hidden"):
+        module.apply({"params": params}, ids, mask, blocks=(1, cfg.n_layer))
+    with pytest.raises(ValueError, match="blocks must satisfy"):
+        module.apply({"params": params}, ids, mask, blocks=(0, cfg.n_layer + 1))
+
+
+def test_remat_keeps_only_block_inputs_under_a_gradient():
+    """model.remat: XLA's temporaries for a gradient through 8 blocks shrink to about one block's working set
+    (the scan of rematerialised blocks), where unrolled blocks keep every block's activations."""
+    cfg = bloom.BloomConfig(vocab_size=64, hidden_size=128, n_layer=8, n_head=4)
+    ids = jax.ShapeDtypeStruct((8, 128), jnp.int32)
+
+    def temp(remat):
+        module = bloom.Bloom(dataclasses.replace(cfg, remat=remat))
+        params = jax.eval_shape(lambda: bloom.init_params(cfg, jax.random.PRNGKey(0)))
+        grad = jax.jit(jax.grad(lambda p, i: module.apply({"params": p}, i, jnp.ones_like(i)).logits.mean()))
+        return grad.lower(params, ids).compile().memory_analysis().temp_size_in_bytes
+
+    plain, remat = temp(False), temp(True)
+    assert remat < plain / 2.5, (plain, remat)

@@ -10,7 +10,7 @@ from configs import ppo as ppo_config
 from tests import helpers
 from diffchat_jax import tiny_models as tiny_models_lib
 from diffchat_jax.rewards import base as reward_base, combine
-from diffchat_jax.rl import trainer
+from diffchat_jax.rl import learner as learner_lib, trainer
 from diffchat_jax.text import keywords
 from diffchat_jax.utils import metrics as metrics_lib
 
@@ -163,9 +163,9 @@ def test_bad_ppo_config_names_the_field(sft_dir):
 def test_render_seeds_follow_the_seed_policy():
     import ml_collections
     r = ml_collections.ConfigDict(dict(seed=10, images_per_prompt=3, seed_policy="fixed"))
-    fixed = trainer.render_seeds(r, iteration=7, batch_size=2)
+    fixed = learner_lib.render_seeds(r, iteration=7, batch_size=2)
     np.testing.assert_array_equal(fixed, [[10, 11, 12], [10, 11, 12]])  # every response, every iteration
-    np.testing.assert_array_equal(trainer.render_seeds(r, iteration=0, batch_size=2), fixed)
+    np.testing.assert_array_equal(learner_lib.render_seeds(r, iteration=0, batch_size=2), fixed)
     r.seed_policy = "per_iteration"
-    np.testing.assert_array_equal(trainer.render_seeds(r, iteration=0, batch_size=1), [[10, 11, 12]])
-    np.testing.assert_array_equal(trainer.render_seeds(r, iteration=2, batch_size=1), [[16, 17, 18]])
+    np.testing.assert_array_equal(learner_lib.render_seeds(r, iteration=0, batch_size=1), [[10, 11, 12]])
+    np.testing.assert_array_equal(learner_lib.render_seeds(r, iteration=2, batch_size=1), [[16, 17, 18]])

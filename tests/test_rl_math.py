@@ -107,9 +107,7 @@ def test_whiten_uses_only_masked_entries():
     assert out[0, 3] == 0.0
 
 
-def test_entropy_and_explained_variance():
-    logits = jnp.log(jnp.array([[[0.5, 0.5], [1.0, 1e-30]]]))
-    np.testing.assert_allclose(losses.entropy(logits, jnp.array([[1.0, 0.0]])), np.log(2), rtol=1e-6)
+def test_explained_variance():
     returns = jnp.array([[1.0, 2.0, 3.0]])
     mask = jnp.ones((1, 3))
     np.testing.assert_allclose(losses.explained_variance(returns, returns, mask), 1.0)

@@ -33,7 +33,9 @@ def test_summed_response_nll_matches_hand_computation():
     logits = rng.normal(size=(2, 5, 7)).astype(np.float32)
     ids = rng.integers(0, 7, size=(2, 5))
     mask = np.array([[0, 0, 1, 1, 1], [0, 0, 0, 1, 0]])
-    total, count = trainer.summed_response_nll(jnp.asarray(logits), jnp.asarray(ids), jnp.asarray(mask))
+    # The identity embedding makes the LM head's input the logits themselves; chunks of 3 positions (of 4).
+    total, count = trainer.summed_response_nll(jnp.asarray(logits), jnp.eye(7), jnp.asarray(ids), jnp.asarray(mask),
+                                               dtype=jnp.float32, chunk=3)
     expected = 0.0
     for b in range(2):
         for t in range(1, 5):  # logits at t-1 predict token t
@@ -64,10 +66,11 @@ def test_grad_accumulation_equals_one_big_batch():
     loss_mask = (np.arange(12)[None] >= rng.integers(3, 9, size=(8, 1))).astype(np.int32)  # uneven y lengths
     batch = {"input_ids": ids, "attention_mask": np.ones_like(ids), "loss_mask": loss_mask}
     results = []
+    module = bloom.Bloom(model_config)
     for accum in (1, 4):
         tx = optim.make_optimizer(config.train, optim.make_schedule(config.train, 10))
-        state = train_state.TrainState.create(apply_fn=bloom.Bloom(model_config).apply, params=params, tx=tx)
-        state, metrics = jax.jit(trainer.train_step, static_argnums=2)(state, batch, accum)
+        state = train_state.TrainState.create(apply_fn=module.apply, params=params, tx=tx)
+        state, metrics = jax.jit(trainer.make_train_step(module, accum, chunk=5))(state, batch)
         results.append((state.params, metrics))
     chex_close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
     jax.tree.map(chex_close, results[0][0], results[1][0])
@@ -133,33 +136,35 @@ MULTI_DEVICE_SCRIPT = textwrap.dedent("""
     assert jax.device_count() == 8, jax.devices()
     config = sft_config.get_config("tiny")
     model_config = bloom.BloomConfig(vocab_size=64, hidden_size=32, n_layer=2, n_head=4)
-    params = bloom.init_params(model_config, jax.random.PRNGKey(0))
+    params = jax.device_get(bloom.init_params(model_config, jax.random.PRNGKey(0)))  # host copies: steps donate
     rng = np.random.default_rng(0)
     batches = [{"input_ids": rng.integers(0, 64, size=(16, 20)).astype(np.int32),
                 "attention_mask": np.ones((16, 20), np.int32),
                 "loss_mask": (np.arange(20)[None] >= rng.integers(4, 15, size=(16, 1))).astype(np.int32)}
                for _ in range(3)]
     finals = []
-    for devices in (jax.devices()[:1], jax.devices()):
-        mesh = mesh_lib.make_mesh(devices)
+    module = bloom.Bloom(model_config)
+    for devices, fsdp in ((jax.devices()[:1], 1), (jax.devices(), 1), (jax.devices(), 8)):
+        mesh = mesh_lib.make_mesh(devices, fsdp=fsdp)
         tx = optim.make_optimizer(config.train, optim.make_schedule(config.train, 10))
-        state = train_state.TrainState.create(apply_fn=bloom.Bloom(model_config).apply, params=params, tx=tx)
-        state = mesh_lib.replicate(state, mesh)
-        step = jax.jit(trainer.train_step, static_argnums=2)
+        state = train_state.TrainState.create(apply_fn=module.apply, params=params, tx=tx)
+        state = mesh_lib.shard_params(state, mesh)
+        steps = trainer.make_steps(module, 2, 7, mesh, state)
         for batch in batches:
-            state, metrics = step(state, mesh_lib.shard_batch(batch, mesh), 2)
+            state, metrics = steps.train(state, mesh_lib.shard_batch(batch, mesh))
         finals.append((jax.device_get(state.params), float(metrics["train_loss"])))
-    (p1, l1), (p8, l8) = finals
-    diffs = jax.tree.leaves(jax.tree.map(lambda a, b: float(np.abs(a - b).max()), p1, p8))
-    moved = jax.tree.leaves(jax.tree.map(lambda a, b: float(np.abs(a - b).max()), p1, params))
-    print("MAXDIFF", max(diffs), "MOVED", max(moved), "LOSS", l1, l8)
+    (p1, l1), (p8, l8), (pf, lf) = finals
+    diff = lambda a, b: max(jax.tree.leaves(jax.tree.map(lambda x, y: float(np.abs(x - y).max()), a, b)))
+    print("MAXDIFF", diff(p1, p8), "MOVED", diff(p1, params), "LOSS", l1, l8, "FSDP", diff(p1, pf), lf)
 """)
 
 
-def test_eight_devices_give_the_same_steps_as_one():
+def test_eight_devices_and_fsdp_give_the_same_steps_as_one():
     stdout = helpers.run_on_8_cpu_devices(MULTI_DEVICE_SCRIPT)
     fields = stdout.split("MAXDIFF")[1].split()
     maxdiff, moved, loss1, loss8 = float(fields[0]), float(fields[2]), float(fields[4]), float(fields[5])
     assert moved > 1e-4  # the steps really changed the parameters...
     assert maxdiff < 1e-5, stdout  # ...identically on 1 and 8 devices (an extra pmean would be 8x off)
     np.testing.assert_allclose(loss1, loss8, rtol=1e-5)
+    assert float(fields[7]) < 1e-5, stdout  # ...and with params and optimizer state split 8 ways (fsdp)
+    np.testing.assert_allclose(loss1, float(fields[8]), rtol=1e-5)

@@ -17,7 +17,7 @@ from typing import Any
 import jax.numpy as jnp
 import transformers
 
-from diffchat_jax.models import clip, hf_io, ldm, unet as unet_lib, vae as vae_lib
+from diffchat_jax.models import clip, hf_io, known, ldm, unet as unet_lib, vae as vae_lib
 
 SD15_TOKENIZER = "openai/clip-vit-large-patch14"
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
@@ -77,16 +77,36 @@ def _sd15_parts() -> dict:
             "scheduler": ldm.SD15_SCHEDULER, "tokenizer": transformers.AutoTokenizer.from_pretrained(SD15_TOKENIZER)}
 
 
+def _config_parts(path: str, config_from: str | None) -> dict:
+    """The configs of a pipeline without its weights or tokenizer: from a local folder's files, else (hub ids,
+    single files without `config_from`) the built-in table (models/known.py)."""
+    source = (config_from or "stable-diffusion-v1-5/stable-diffusion-v1-5") if path.endswith(SINGLE_FILE_SUFFIXES) \
+        else path
+    if not os.path.isdir(source):
+        return dict(known.config_json(source, known.SD, filename="model_index.json"))
+    read = lambda *parts: _read_json(os.path.join(source, *parts))
+    return {"unet": read("unet", "config.json"), "vae": read("vae", "config.json"),
+            "text_encoder": read("text_encoder", "config.json"),
+            "scheduler": read("scheduler", "scheduler_config.json")}
+
+
 def load_pretrained(path_or_id: str, dtype=jnp.float32, compute_dtype=None,
-                    config_from: str | None = None) -> tuple[StableDiffusion, dict]:
+                    config_from: str | None = None, abstract: bool = False) -> tuple[StableDiffusion, dict]:
     """A diffusers pipeline (folder or hub id) or a single-file LDM checkpoint -> (StableDiffusion, params).
 
     Params are cast to `dtype`; the compute dtype is `compute_dtype` or `dtype`. `config_from` only matters for a
-    single file (see the module docstring).
+    single file (see the module docstring). abstract=True: shapes only (jax.ShapeDtypeStructs, for the memory
+    report) from the configs alone (`_config_parts`), no tokenizer (None); nothing is read or downloaded.
     """
     path = os.fspath(path_or_id)
     kw = dict(dtype=dtype, compute_dtype=compute_dtype)
-    if path.endswith(SINGLE_FILE_SUFFIXES):
+    if abstract:
+        parts = _config_parts(path, config_from)
+        text_encoder, text_params = clip.from_state(parts["text_encoder"], None, **kw)
+        unet, unet_params = unet_lib.from_state(parts["unet"], None, **kw)
+        vae, vae_params = vae_lib.from_state(parts["vae"], None, **kw)
+        parts["tokenizer"] = None
+    elif path.endswith(SINGLE_FILE_SUFFIXES):
         parts = _sd15_parts() if config_from is None else _folder_parts(
             hf_io.resolve_folder(config_from, _PIPELINE_FILES))
         states = ldm.split_checkpoint(ldm.read_checkpoint(hf_io.resolve_file(path)), parts["unet"], parts["vae"])

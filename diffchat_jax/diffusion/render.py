@@ -19,7 +19,8 @@ import numpy as np
 from diffchat_jax.diffusion import schedulers
 from diffchat_jax.diffusion.pipeline import StableDiffusion
 from diffchat_jax.models import clip
-from diffchat_jax.utils.mesh import make_mesh, map_in_chunks, replicate
+from diffchat_jax.utils import aot
+from diffchat_jax.utils.mesh import chunk_size, make_mesh, map_in_chunks, replicate, shard_batch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,6 +121,9 @@ class Renderer:
 
     renderer = Renderer(sd, params, RenderSettings(num_steps=25), batch_size=8)
     images = renderer(["a red fox in the snow, highly detailed"], seeds=[0])
+
+    With abstract params (pipeline.load_pretrained(..., abstract=True)) it renders nothing, but `device_steps`
+    gives the memory report its jitted call.
     """
 
     def __init__(self, sd: StableDiffusion, params: dict, settings: RenderSettings = RenderSettings(),
@@ -129,13 +133,16 @@ class Renderer:
         self.height, self.width = settings.image_size(sd)
         self.params = replicate(params, self.mesh)
         self.solver = schedulers.make_solver(settings.solver, sd.scheduler_config, settings.num_steps)
-        self._uncond = self._tokenize([settings.negative_prompt])
         self._render = jax.jit(functools.partial(
             render, sd, solver=self.solver, guidance_scale=settings.guidance_scale, height=self.height,
             width=self.width))
 
+    @property
+    def text_length(self) -> int:
+        return self.sd.text_encoder.config.text.max_position_embeddings
+
     def _tokenize(self, prompts: Sequence[str]) -> np.ndarray:
-        return clip.tokenize(self.sd.tokenizer, prompts, self.sd.text_encoder.config.text.max_position_embeddings)[0]
+        return clip.tokenize(self.sd.tokenizer, prompts, self.text_length)[0]
 
     def __call__(self, prompts: Sequence[str], seeds: Sequence[int]) -> np.ndarray:
         if len(prompts) != len(seeds):
@@ -143,7 +150,15 @@ class Renderer:
         if not len(prompts):
             return np.zeros((0, self.height, self.width, 3), np.uint8)
         cond = self._tokenize(prompts)
-        uncond = np.repeat(self._uncond, len(prompts), axis=0)
+        uncond = np.repeat(self._tokenize([self.settings.negative_prompt]), len(prompts), axis=0)
         seeds = np.asarray(seeds, np.uint32)
         fn = lambda c, u, s: self._render(self.params, cond_ids=c, uncond_ids=u, seeds=s)
         return map_in_chunks(fn, [cond, uncond, seeds], self.batch_size, self.mesh)
+
+    def device_steps(self, n_images: int) -> list[aot.Step]:
+        """The jitted call that rendering `n_images` images makes, on abstract arguments (diffchat_jax.memory)."""
+        chunk = chunk_size(self.batch_size, n_images, self.mesh)
+        ids = jax.ShapeDtypeStruct((chunk, self.text_length), jnp.int32)
+        inputs = shard_batch({"cond_ids": ids, "uncond_ids": ids,
+                              "seeds": jax.ShapeDtypeStruct((chunk,), jnp.uint32)}, self.mesh)
+        return [aot.Step("render", self._render, (aot.abstract(self.params),), inputs, resident=(0,))]

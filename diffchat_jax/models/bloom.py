@@ -27,7 +27,7 @@ import numpy as np
 from flax import traverse_util
 from safetensors.numpy import load_file, save_file
 
-from diffchat_jax.models import hf_io
+from diffchat_jax.models import hf_io, known
 
 # HF BloomConfig defaults, used for keys a config.json leaves out.
 _HF_DEFAULTS = dict(vocab_size=250880, hidden_size=64, n_layer=2, n_head=8, layer_norm_epsilon=1e-5)
@@ -40,7 +40,8 @@ class BloomConfig:
     dtype: compute dtype (activations, matmuls); params keep their own dtype. Softmax, logits and values are
         always float32.
     value_head: add a scalar value head `value_head` on the final (post-ln_f) hidden states.
-    remat: rematerialise each block in the backward pass (jax.checkpoint), for memory.
+    remat: rematerialise each block in the backward pass (a scan of jax.checkpoint over the blocks of a call
+        without a KV cache; `_rematerialised_blocks`), for memory.
     """
     vocab_size: int = _HF_DEFAULTS["vocab_size"]
     hidden_size: int = _HF_DEFAULTS["hidden_size"]
@@ -105,13 +106,16 @@ class KVCache:
 
 @flax.struct.dataclass
 class BloomOutput:
-    """logits [B, T, V] float32; values [B, T] float32 or None; cache: the updated KVCache or None.
+    """logits [B, T, V] float32 (None with head=False or a partial call); values [B, T] float32 or None;
+    cache: the updated KVCache or None; hidden [B, T, H] in the compute dtype: the ln_f output (the LM head's
+    input) for a call that runs the last block, else the residual stream after the last block it ran.
 
     `out[0]` is the logits (tuple-style access, like HF outputs).
     """
-    logits: jax.Array
+    logits: jax.Array | None
     values: jax.Array | None = None
     cache: KVCache | None = None
+    hidden: jax.Array | None = None
 
     def __getitem__(self, i):
         return (self.logits, self.values, self.cache)[i]
@@ -222,18 +226,34 @@ class Bloom(nn.Module):
         slot i = P, P+1, ...: set mask[:, i] = 1 and call with input_ids [B, 1], cache_index i. The returned
         logits [B, 1, V] equal the full-sequence logits at position i; BloomOutput.cache is the updated cache.
         last_only=True returns logits [B, 1, V] for the last input position only (values still cover all of them).
+
+    Partial calls (PPO caches the frozen lower blocks' output once per rollout batch; no KV cache):
+        blocks=(start, stop) runs blocks h_start .. h_{stop-1} only. start > 0 takes `hidden` [B, T, H], the
+        residual stream after block start - 1 (what a call with stop=start returns in BloomOutput.hidden), in place
+        of embedding input_ids (which may then be None). A call with stop < n_layer returns only that hidden state;
+        one that runs the last block applies ln_f, the value head and (unless head=False) the LM head.
+        head=False skips the LM head: BloomOutput.hidden is then what `lm_logits` or the chunked log-probs of
+        diffchat_jax.rl.logprobs take, so that [B, T, V] logits never exist at once.
     """
     config: BloomConfig
 
     @nn.compact
     def __call__(self, input_ids, attention_mask, cache: KVCache | None = None, cache_index=None,
-                 last_only: bool = False) -> BloomOutput:
+                 last_only: bool = False, *, blocks: tuple[int, int] | None = None, hidden=None,
+                 head: bool = True) -> BloomOutput:
         cfg = self.config
         if (cache is None) != (cache_index is None):
             raise ValueError("pass cache and cache_index together")
-        length = input_ids.shape[1]
+        start, stop = blocks or (0, cfg.n_layer)
+        if not 0 <= start < stop <= cfg.n_layer:
+            raise ValueError(f"blocks must satisfy 0 <= start < stop <= {cfg.n_layer}, got {blocks}")
+        if (start > 0) != (hidden is not None):
+            raise ValueError("pass hidden (the residual stream entering block `start`) exactly when start > 0")
+        if cache is not None and (start, stop) != (0, cfg.n_layer):
+            raise ValueError("a KV-cache call runs every block")
+        batch, length = (input_ids if hidden is None else hidden).shape[:2]
         slots = length if cache is None else cache.k[0].shape[2]
-        if attention_mask.shape != (input_ids.shape[0], slots):
+        if attention_mask.shape != (batch, slots):
             raise ValueError(f"attention_mask must be [B, {slots}] (the cache length when decoding), "
                              f"got {attention_mask.shape}")
 
@@ -248,29 +268,57 @@ class Bloom(nn.Module):
 
         embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=cfg.dtype,
                          embedding_init=nn.initializers.normal(0.02), name="word_embeddings")
-        x = _layer_norm(cfg, "word_embeddings_layernorm")(embed(input_ids))
-        block = nn.remat(Block) if cfg.remat else Block
+        if hidden is None:
+            x = _layer_norm(cfg, "word_embeddings_layernorm")(embed(input_ids))
+        else:
+            x = hidden.astype(cfg.dtype)
         new_k, new_v = [], []
-        for i in range(cfg.n_layer):
-            kv = None if cache is None else (cache.k[i], cache.v[i])
-            x, kv = block(cfg, name=f"h_{i}")(x, alibi, mask, kv, cache_index)
-            if kv is not None:
-                new_k.append(kv[0])
-                new_v.append(kv[1])
+        if cfg.remat and cache is None and not self.is_initializing():
+            x = _rematerialised_blocks(cfg, self.variables["params"], x, alibi, mask, start, stop)
+        else:
+            for i in range(start, stop):
+                kv = None if cache is None else (cache.k[i], cache.v[i])
+                x, kv = Block(cfg, name=f"h_{i}")(x, alibi, mask, kv, cache_index)
+                if kv is not None:
+                    new_k.append(kv[0])
+                    new_v.append(kv[1])
+        if stop < cfg.n_layer:
+            return BloomOutput(logits=None, hidden=x)
         x = _layer_norm(cfg, "ln_f")(x)
 
         # last_only: logits [B, 1, V] of the last position only (a sampler's prefill needs no more; the [B, T, V]
         # head would cost T times the FLOPs and memory).
-        head_input = x[:, -1:] if last_only else x
-        logits = jnp.einsum("bth,vh->btv", head_input, embed.embedding.astype(cfg.dtype),
-                            preferred_element_type=jnp.float32)
+        logits = None
+        if head:
+            logits = lm_logits(x[:, -1:] if last_only else x, embed.embedding, cfg.dtype)
         values = None
         if cfg.value_head:
             # Zero init: V = 0 everywhere at the start of PPO; the kernel still gets gradients.
-            head = nn.Dense(1, dtype=jnp.float32, kernel_init=nn.initializers.zeros, name="value_head")
-            values = head(x.astype(jnp.float32))[..., 0]
+            value_head = nn.Dense(1, dtype=jnp.float32, kernel_init=nn.initializers.zeros, name="value_head")
+            values = value_head(x.astype(jnp.float32))[..., 0]
         new_cache = None if cache is None else KVCache(k=tuple(new_k), v=tuple(new_v))
-        return BloomOutput(logits=logits, values=values, cache=new_cache)
+        return BloomOutput(logits=logits, values=values, cache=new_cache, hidden=x)
+
+
+def _rematerialised_blocks(config: BloomConfig, params, x, alibi, mask, start: int, stop: int):
+    """Blocks h_start .. h_{stop-1} as a lax.scan of a rematerialised block over their stacked params: under a
+    gradient only each block's input [B, T, H] is kept, and the block's activations are recomputed in the
+    backward pass. A scan, not jax.checkpoint on each of the unrolled blocks: XLA may drop the optimisation
+    barriers of unrolled remat and merge the recomputation back into the forward pass (XLA:CPU does), which
+    keeps every block's activations after all; inside a scan's backward loop the recomputation cannot move."""
+    stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *(params[f"h_{i}"] for i in range(start, stop)))
+
+    def body(x, block_params):
+        return Block(config, parent=None).apply({"params": block_params}, x, alibi, mask)[0], None
+
+    return jax.lax.scan(jax.checkpoint(body, prevent_cse=False), x, stacked)[0]
+
+
+def lm_logits(hidden: jax.Array, embedding: jax.Array, dtype) -> jax.Array:
+    """The tied LM head: hidden [..., H] (the ln_f output) x embedding [V, H] -> logits [..., V] float32, the
+    matmul in `dtype` (the compute dtype) with float32 accumulation."""
+    return jnp.einsum("...h,vh->...v", hidden.astype(dtype), embedding.astype(dtype),
+                      preferred_element_type=jnp.float32)
 
 
 def init_params(config: BloomConfig, rng: jax.Array, seq_len: int = 8):
@@ -338,14 +386,20 @@ def params_to_hf(params) -> dict[str, np.ndarray]:
 # ----------------------------------------------------------------------------------------------------------
 # Checkpoint files.
 # ----------------------------------------------------------------------------------------------------------
-def load_pretrained(path_or_id: str, dtype=jnp.float32, value_head: bool = False, compute_dtype=None):
+def load_pretrained(path_or_id: str, dtype=jnp.float32, value_head: bool = False, compute_dtype=None,
+                    abstract: bool = False):
     """Load a HF BLOOM checkpoint (local folder or hub id) -> (Bloom module, params).
 
     Reads config.json and model.safetensors (or sharded with model.safetensors.index.json). Params are cast to
     `dtype`, which is also the compute dtype unless `compute_dtype` is given (fp32 master weights with bf16
     compute). With value_head=True the head comes from value_head.safetensors when the folder has one, else
-    it starts at zeros.
+    it starts at zeros. abstract=True: shapes only (jax.ShapeDtypeStructs), from the local config.json or, for
+    a hub id, the built-in table (models/known.py); no weights are read or downloaded.
     """
+    if abstract:
+        config = dataclasses.replace(BloomConfig.from_hf(known.config_json(path_or_id, known.BLOOM)),
+                                     dtype=compute_dtype or dtype, value_head=value_head)
+        return Bloom(config), hf_io.abstract_params(lambda: init_params(config, jax.random.key(0)), dtype)
     folder = hf_io.resolve_folder(path_or_id, ["config.json", "*.safetensors", "*.index.json"])
     config_path = os.path.join(folder, "config.json")
     if not os.path.exists(config_path):

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from diffchat_jax.models import hf_io
+from diffchat_jax.models import hf_io, known
 
 # The normalisation of every checkpoint used here (OpenAI CLIP, LAION CLIP-H, PickScore, HPS).
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -414,9 +414,12 @@ def hf_to_params(state: dict[str, np.ndarray]) -> dict:
     return traverse_util.unflatten_dict(flat)
 
 
-def _build(config: CLIPConfig, state: dict[str, np.ndarray], dtype):
-    params = hf_io.checked_params(hf_to_params(state), lambda: init_params(config, jax.random.key(0)), "/".join,
-                                  "CLIP", dtype)
+def _build(config: CLIPConfig, state: dict[str, np.ndarray] | None, dtype):
+    """(CLIP, params); state None: abstract params (shapes only)."""
+    params = hf_io.checked_params(None if state is None else hf_to_params(state),
+                                  lambda: init_params(config, jax.random.key(0)), "/".join, "CLIP", dtype)
+    if state is None:
+        return CLIP(config), params
     if "logit_scale" in params:
         # Scores scale by exp(logit_scale): in bf16 PickScore's log(100) would become 98.9.
         params["logit_scale"] = jnp.asarray(state["logit_scale"], jnp.float32)
@@ -431,19 +434,23 @@ def _read_config(folder: str, compute_dtype) -> CLIPConfig:
         return dataclasses.replace(CLIPConfig.from_hf(json.load(f)), dtype=compute_dtype)
 
 
-def from_state(config_dict: dict, state: dict[str, np.ndarray], dtype=jnp.float32, compute_dtype=None):
+def from_state(config_dict: dict, state: dict[str, np.ndarray] | None, dtype=jnp.float32, compute_dtype=None):
     """A transformers config.json dict and an HF-named state dict in memory (e.g. the text encoder of a
-    single-file Stable Diffusion checkpoint) -> (CLIP, params), as `load_pretrained`."""
+    single-file Stable Diffusion checkpoint) -> (CLIP, params), as `load_pretrained`; state None: abstract
+    params (jax.ShapeDtypeStructs, for the memory report)."""
     config = dataclasses.replace(CLIPConfig.from_hf(config_dict), dtype=compute_dtype or dtype)
     return _build(config, state, dtype)
 
 
-def load_pretrained(path_or_id: str, dtype=jnp.float32, compute_dtype=None):
+def load_pretrained(path_or_id: str, dtype=jnp.float32, compute_dtype=None, abstract: bool = False):
     """Load a transformers CLIPModel or CLIPTextModel checkpoint (local folder or hub id) -> (CLIP, params).
 
     Reads config.json and model.safetensors (or sharded). Params are cast to `dtype`, also the compute dtype
-    unless `compute_dtype` is given.
+    unless `compute_dtype` is given. abstract=True: shapes only (jax.ShapeDtypeStructs), from the local
+    config.json or, for a hub id, the built-in table (models/known.py); nothing is read or downloaded.
     """
+    if abstract:
+        return from_state(known.config_json(path_or_id, known.CLIP), None, dtype, compute_dtype)
     folder = hf_io.resolve_folder(path_or_id, ["config.json", "*.safetensors", "*.index.json"])
     return _build(_read_config(folder, compute_dtype or dtype), hf_io.read_safetensors(folder), dtype)
 

@@ -71,9 +71,16 @@ def read_torch_state_dict(path: str) -> dict[str, np.ndarray]:
     return {k: v.float().numpy() for k, v in state.items() if isinstance(v, torch.Tensor)}
 
 
+def abstract_params(init: Callable[[], dict], dtype):
+    """The tree `init()` builds as jax.ShapeDtypeStructs in `dtype`: shapes only, nothing allocated."""
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, dtype), jax.eval_shape(init))
+
+
 def checked_params(params, init: Callable[[], dict], name: Callable[[tuple[str, ...]], str], model: str, dtype):
     """Converted params (numpy), checked against the tree `init()` builds (traced, nothing allocated), cast to
-    dtype; raises as check_params."""
+    dtype; raises as check_params. params None: the abstract tree (`abstract_params`), for the memory report."""
+    if params is None:
+        return abstract_params(init, dtype)
     check_params(params, jax.eval_shape(init), name, model)
     return jax.tree.map(lambda x: jnp.asarray(x, dtype), params)
 

@@ -265,11 +265,12 @@ def params_to_diffusers(params) -> dict[str, np.ndarray]:
 def from_state(config_dict: dict, state: dict[str, np.ndarray], dtype=jnp.float32, compute_dtype=None):
     """A vae config.json dict and a diffusers-named state dict -> (AutoencoderKL, params).
 
+    state None: abstract params (jax.ShapeDtypeStructs; shapes only, for the memory report).
     Params are cast to `dtype`, also the compute dtype unless `compute_dtype` is given. Raises naming the
     missing, unexpected or mis-shaped tensors.
     """
     config = dataclasses.replace(VAEConfig.from_diffusers(config_dict), dtype=compute_dtype or dtype)
-    params = hf_io.checked_params(diffusers_to_params(state), lambda: init_params(config, jax.random.key(0)),
+    params = hf_io.checked_params(None if state is None else diffusers_to_params(state), lambda: init_params(config, jax.random.key(0)),
                                   _path_to_key, "AutoencoderKL", dtype)
     return AutoencoderKL(config), params
 

@@ -5,9 +5,14 @@ score per sample (higher is better). Components are registered by name with a fa
 `make(config) -> Component` (`register`), and a run picks them by name with weights (`config.reward.components`,
 e.g. {"ci": 1.0, "aesthetic": 0.5}). When any chosen component `needs_images`, the responses are rendered once
 (by the configured renderer) and every component sees the same images in `batch.images`.
+
+Components that need images score them with models on the devices; their factories take two more keywords,
+`make(config, mesh=None, abstract=False)`: the job's mesh (None = this host's devices) and, for the memory
+report, abstract=True (shapes only: no weights are read). They also give the report their resident `params` and
+`device_steps(n_images, (height, width))`: the jitted calls that scoring n images makes, as aot.Steps.
 """
 import dataclasses
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -37,6 +42,8 @@ class Component:
     name: str
     score: Callable[[RewardBatch], np.ndarray]  # -> [B] float
     needs_images: bool = False
+    params: Any = None  # the device arrays the component keeps (its models' params), for the memory report
+    device_steps: Callable[[int, tuple[int, int]], list] | None = None  # (n_images, (H, W)) -> [aot.Step]
 
 
 _FACTORIES: dict[str, Callable[..., Component]] = {}
@@ -59,9 +66,12 @@ def needs_images(name: str) -> bool:
     return _NEEDS_IMAGES[name]
 
 
-def make_component(name: str, config) -> Component:
+def make_component(name: str, config, mesh=None, abstract: bool = False) -> Component:
+    """The registered component; `mesh` and `abstract` go to the factories of components that need images."""
     if name not in _FACTORIES:
         raise ValueError(f"unknown reward component {name!r}; known: {sorted(_FACTORIES)}")
+    if _NEEDS_IMAGES[name]:
+        return _FACTORIES[name](config, mesh=mesh, abstract=abstract)
     return _FACTORIES[name](config)
 
 

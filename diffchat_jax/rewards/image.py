@@ -23,7 +23,8 @@ import transformers
 from diffchat_jax.models import clip
 from diffchat_jax.rewards import scorers
 from diffchat_jax.rewards.base import Component, RewardBatch, register
-from diffchat_jax.utils.mesh import make_mesh, map_in_chunks, replicate
+from diffchat_jax.utils import aot
+from diffchat_jax.utils.mesh import chunk_size, make_mesh, map_in_chunks, replicate, shard_batch
 
 
 def _images(batch: RewardBatch, name: str) -> np.ndarray:
@@ -45,35 +46,55 @@ def _score_renders(fn, images: np.ndarray, per_response: tuple[np.ndarray, ...],
     return scores.reshape(images.shape[:2]).mean(axis=1)
 
 
+def _abstract_images(n_images: int, size: tuple[int, int], batch_size: int, mesh) -> jax.ShapeDtypeStruct:
+    """The images of one scoring call: [chunk, H, W, 3] uint8 split over the mesh."""
+    chunk = chunk_size(batch_size, n_images, mesh)
+    return shard_batch(jax.ShapeDtypeStruct((chunk, *size, 3), jnp.uint8), mesh)
+
+
 @register("aesthetic", needs_images=True)
-def make_aesthetic(config) -> Component:
+def make_aesthetic(config, mesh=None, abstract: bool = False) -> Component:
     c = config.reward.aesthetic
-    mesh = make_mesh(jax.local_devices())
-    module, params = clip.load_pretrained(c.clip_model, jnp.dtype(c.dtype))
-    params, mlp = replicate((params, scorers.load_aesthetic_mlp(c.mlp_weights)), mesh)
+    mesh = mesh or make_mesh(jax.local_devices())
+    module, params = clip.load_pretrained(c.clip_model, jnp.dtype(c.dtype), abstract=abstract)
+    mlp = (scorers.abstract_aesthetic_mlp(module.config.projection_dim) if abstract
+           else scorers.load_aesthetic_mlp(c.mlp_weights))
+    params, mlp = replicate((params, mlp), mesh)
 
     def score(batch: RewardBatch) -> np.ndarray:
         fn = lambda images: scorers.aesthetic_score(module, params, mlp, images)
         return _score_renders(fn, _images(batch, "aesthetic"), (), c.batch_size, mesh)
 
-    return Component("aesthetic", score, needs_images=True)
+    def device_steps(n_images: int, size: tuple[int, int]) -> list[aot.Step]:
+        images = _abstract_images(n_images, size, c.batch_size, mesh)
+        return [aot.Step("aesthetic", scorers.aesthetic_score, (module, aot.abstract(params), aot.abstract(mlp),
+                                                                images), resident=(1, 2))]
+
+    return Component("aesthetic", score, needs_images=True, params=(params, mlp), device_steps=device_steps)
 
 
 @register("pickscore", needs_images=True)
-def make_pickscore(config) -> Component:
+def make_pickscore(config, mesh=None, abstract: bool = False) -> Component:
     c = config.reward.pickscore
-    mesh = make_mesh(jax.local_devices())
-    module, params = clip.load_pretrained(c.model, jnp.dtype(c.dtype))
+    mesh = mesh or make_mesh(jax.local_devices())
+    module, params = clip.load_pretrained(c.model, jnp.dtype(c.dtype), abstract=abstract)
     params = replicate(params, mesh)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(c.processor or c.model)
+    tokenizer = None if abstract else transformers.AutoTokenizer.from_pretrained(c.processor or c.model)
+    text_length = module.config.text.max_position_embeddings
 
     def score(batch: RewardBatch) -> np.ndarray:
         images = _images(batch, "pickscore")
-        ids, mask = clip.tokenize(tokenizer, batch.responses, module.config.text.max_position_embeddings)
+        ids, mask = clip.tokenize(tokenizer, batch.responses, text_length)
         fn = lambda images, ids, mask: scorers.pick_score(module, params, images, ids, mask)
         return _score_renders(fn, images, (ids, mask), c.batch_size, mesh)
 
-    return Component("pickscore", score, needs_images=True)
+    def device_steps(n_images: int, size: tuple[int, int]) -> list[aot.Step]:
+        images = _abstract_images(n_images, size, c.batch_size, mesh)
+        ids = shard_batch(jax.ShapeDtypeStruct((images.shape[0], text_length), jnp.int32), mesh)
+        return [aot.Step("pickscore", scorers.pick_score, (module, aot.abstract(params), images, ids, ids),
+                         resident=(1,))]
+
+    return Component("pickscore", score, needs_images=True, params=params, device_steps=device_steps)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -111,6 +132,25 @@ def _save_with_processor(model, out_dir: str) -> str:
     return out_dir
 
 
+def save_random_clip(out_dir: str, hf_config: dict, seed: int = 0) -> str:
+    """A transformers CLIPModel of `hf_config` (a config.json dict, e.g. models/known.CLIP_H14) with random weights,
+    with the tiny byte-level tokenizer (ids < 514) and an image processor: benchmarks at the real shapes."""
+    import torch
+    torch.manual_seed(seed)
+    return _save_with_processor(transformers.CLIPModel(transformers.CLIPConfig.from_dict(hf_config)).eval(), out_dir)
+
+
+def save_random_aesthetic_mlp(path: str, in_features: int, seed: int = 2) -> str:
+    """A torch state dict of the LAION MLP layout (layers.{0,2,4,6,7}) on `in_features`-wide embeddings."""
+    import torch
+    torch.manual_seed(seed)
+    mlp = torch.nn.Sequential(torch.nn.Linear(in_features, 1024), torch.nn.Dropout(0.2), torch.nn.Linear(1024, 128),
+                              torch.nn.Dropout(0.2), torch.nn.Linear(128, 64), torch.nn.Dropout(0.1),
+                              torch.nn.Linear(64, 16), torch.nn.Linear(16, 1))
+    torch.save({f"layers.{k}": v for k, v in mlp.state_dict().items()}, path)
+    return path
+
+
 def build_tiny_models(out_dir: str) -> dict[str, str]:
     """Writes tiny random stand-ins for the real scorer checkpoints, in their formats, and returns their paths:
 
@@ -127,11 +167,7 @@ def build_tiny_models(out_dir: str) -> dict[str, str]:
         "mlp_weights": os.path.join(out_dir, "aesthetic_mlp.pth"),
         "hps": os.path.join(out_dir, "hps.pt"),
     }
-    torch.manual_seed(2)
-    mlp = torch.nn.Sequential(torch.nn.Linear(16, 1024), torch.nn.Dropout(0.2), torch.nn.Linear(1024, 128),
-                              torch.nn.Dropout(0.2), torch.nn.Linear(128, 64), torch.nn.Dropout(0.1),
-                              torch.nn.Linear(64, 16), torch.nn.Linear(16, 1))
-    torch.save({f"layers.{k}": v for k, v in mlp.state_dict().items()}, paths["mlp_weights"])
+    save_random_aesthetic_mlp(paths["mlp_weights"], 16)
 
     hps = _tiny_clip("gelu", 16, float(np.log(100.0)), seed=3)  # the pickscore architecture, other weights
     state = {k: v.numpy() for k, v in hps.state_dict().items()}

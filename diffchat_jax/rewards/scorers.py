@@ -60,6 +60,11 @@ def load_aesthetic_mlp(path_or_hub_file: str) -> dict:
             for i in (0, 2, 4, 6, 7)}
 
 
+def abstract_aesthetic_mlp(in_features: int) -> dict:
+    """AestheticMLP params as jax.ShapeDtypeStructs (float32) on `in_features`-wide embeddings (memory report)."""
+    return jax.eval_shape(lambda: AestheticMLP().init(jax.random.key(0), jnp.zeros((1, in_features)))["params"])
+
+
 def cosine(a: jax.Array, b: jax.Array) -> jax.Array:
     """[B, P], [B, P] -> [B] cosine of each row pair; 0 where either vector is zero."""
     dot = jnp.sum(a * b, axis=-1)

@@ -39,12 +39,6 @@ def value_loss(values, old_values, returns, mask, clip: float):
     return loss, stats
 
 
-def entropy(logits, mask):
-    """Mean per-token entropy of softmax(logits [B, T, V])."""
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    return masked_mean(-(jnp.exp(logp) * logp).sum(-1), mask)
-
-
 def explained_variance(values, returns, mask):
     """1 - Var(R - V) / Var(R): 1 is a perfect value function, 0 no better than a constant."""
     return 1.0 - masked_var(returns - values, mask) / jnp.maximum(masked_var(returns, mask), 1e-8)

@@ -1,40 +1,36 @@
 """Supervised fine-tuning (paper section 3.2, eq. 1): cross-entropy on the target-prompt tokens y only.
 
 `train_and_evaluate(config, workdir)` is the whole job: data -> tokenizer -> model -> jitted data-parallel
-steps with periodic eval, metrics and orbax checkpoints (resumed automatically) -> export in transformers format.
+steps (made once by `make_steps`) in the shared loop (diffchat_jax.train.loop: periodic eval, metrics, orbax
+checkpoints, resumed automatically) -> export in transformers format.
 """
 import dataclasses
 import os
 import time
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import tqdm
 from flax.training import train_state
 
 from diffchat_jax.data import examples as examples_lib
 from diffchat_jax.data import tokenize as tokenize_lib
 from diffchat_jax.data import tokenizer as tokenizer_lib
 from diffchat_jax.models import bloom
-from diffchat_jax.utils import checkpoint, mesh as mesh_lib, metrics as metrics_lib, optim
+from diffchat_jax.rl import logprobs
+from diffchat_jax.train import loop
+from diffchat_jax.utils import aot, mesh as mesh_lib, metrics as metrics_lib, optim
 from diffchat_jax.utils.batching import split_microbatches
-from diffchat_jax.utils.validate import require, one_of
+from diffchat_jax.utils.validate import DTYPES, check_data_source, one_of, require
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
+BATCH_KEYS = ("input_ids", "attention_mask", "loss_mask")
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Config checks.
 # ---------------------------------------------------------------------------------------------------------------
-def check_data_source(source: str, field: str) -> None:
-    """A local file must exist; anything that is not a path-like string is taken as a hub dataset id."""
-    looks_local = source.endswith(DATA_SUFFIXES) or source.startswith((".", "/", "~"))
-    require(not looks_local or os.path.isfile(os.path.expanduser(source)), field, f"file not found: {source}")
-
-
 def validate_config(config, num_devices: int) -> None:
     """Raises ConfigError naming the first impossible field."""
     t, d, m = config.train, config.data, config.model
@@ -66,49 +62,76 @@ def validate_config(config, num_devices: int) -> None:
             "tokenizer", "needs name_or_path or train_vocab_size when the model is random")
     for field in ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
         require(config[field] > 0, field, f"must be > 0, got {config[field]}")
+    require(t.logprob_chunk >= 1, "train.logprob_chunk", f"must be >= 1, got {t.logprob_chunk}")
+    require(config.memory_limit_gib >= 0, "memory_limit_gib",
+            f"must be >= 0 (0 = no check), got {config.memory_limit_gib}")
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Loss and steps (pure; jitted at the call site).
+# Loss and steps (pure; jitted once by make_steps).
 # ---------------------------------------------------------------------------------------------------------------
-def summed_response_nll(logits, input_ids, loss_mask):
-    """Sum of -log p(token) over response tokens, and their count.
+def summed_response_nll(hidden, embedding, input_ids, loss_mask, *, dtype, chunk: int):
+    """Sum of -log p(token) over response tokens, and their count, through the tied LM head in chunks of `chunk`
+    positions (diffchat_jax.rl.logprobs: [B, T, V] logits never exist at once).
 
-    logits [B, T, V] (position t predicts token t+1); input_ids, loss_mask [B, T] (1 on y tokens and EOS).
-    Returns (sum_nll, n_tokens), both float32 scalars.
+    hidden [B, T, H] (the ln_f output; position t predicts token t+1); embedding [V, H]; input_ids, loss_mask
+    [B, T] (1 on y tokens and EOS). Returns (sum_nll, n_tokens), both float32 scalars.
     """
-    nll = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1].astype(jnp.float32), input_ids[:, 1:])
+    logp, _ = logprobs.token_logprobs(hidden[:, :-1], embedding, input_ids[:, 1:], dtype=dtype, chunk=chunk)
     weights = loss_mask[:, 1:].astype(jnp.float32)
-    return (nll * weights).sum(), weights.sum()
+    return -(logp * weights).sum(), weights.sum()
 
 
-def batch_nll(params, apply_fn, batch):
-    logits = apply_fn({"params": params}, batch["input_ids"], batch["attention_mask"]).logits
-    return summed_response_nll(logits, batch["input_ids"], batch["loss_mask"])
+def batch_nll(params, module: bloom.Bloom, batch, chunk: int):
+    out = module.apply({"params": params}, batch["input_ids"], batch["attention_mask"], head=False)
+    return summed_response_nll(out.hidden, params["word_embeddings"]["embedding"], batch["input_ids"],
+                               batch["loss_mask"], dtype=module.config.dtype, chunk=chunk)
 
 
-def train_step(state: train_state.TrainState, batch, grad_accum: int):
-    """One optimizer update on a global batch, accumulating gradients over `grad_accum` micro-batches.
+def make_train_step(module: bloom.Bloom, grad_accum: int, chunk: int):
+    """train_step(state, batch) -> (state, metrics): one optimizer update on a global batch, accumulating
+    gradients over `grad_accum` micro-batches. The loss is the mean over all response tokens of the global batch,
+    whatever grad_accum and the device count."""
+    grad_fn = jax.value_and_grad(lambda params, micro: batch_nll(params, module, micro, chunk), has_aux=True)
 
-    The loss is the mean over all response tokens of the global batch, whatever grad_accum and the device count.
-    """
-    grad_fn = jax.value_and_grad(batch_nll, has_aux=True)
+    def train_step(state: train_state.TrainState, batch):
+        def accumulate(carry, micro):
+            grads, nll, count = carry
+            (micro_nll, micro_count), micro_grads = grad_fn(state.params, micro)
+            return (jax.tree.map(jnp.add, grads, micro_grads), nll + micro_nll, count + micro_count), None
 
-    def accumulate(carry, micro):
-        grads, nll, count = carry
-        (micro_nll, micro_count), micro_grads = grad_fn(state.params, state.apply_fn, micro)
-        return (jax.tree.map(jnp.add, grads, micro_grads), nll + micro_nll, count + micro_count), None
+        zeros = jax.tree.map(jnp.zeros_like, state.params)
+        (grads, nll, count), _ = jax.lax.scan(accumulate, (zeros, 0.0, 0.0), split_microbatches(batch, grad_accum))
+        count = jnp.maximum(count, 1.0)
+        grads = jax.tree.map(lambda g: g / count, grads)
+        metrics = {"train_loss": nll / count, "grad_norm": optax.global_norm(grads), "response_tokens": count}
+        return state.apply_gradients(grads=grads), metrics
 
-    zeros = jax.tree.map(jnp.zeros_like, state.params)
-    (grads, nll, count), _ = jax.lax.scan(accumulate, (zeros, 0.0, 0.0), split_microbatches(batch, grad_accum))
-    count = jnp.maximum(count, 1.0)
-    grads = jax.tree.map(lambda g: g / count, grads)
-    metrics = {"train_loss": nll / count, "grad_norm": optax.global_norm(grads), "response_tokens": count}
-    return state.apply_gradients(grads=grads), metrics
+    return train_step
 
 
-def eval_step(params, apply_fn, batch):
-    return batch_nll(params, apply_fn, batch)
+class Steps(NamedTuple):
+    train: object  # (state, batch) -> (state, metrics); donates state
+    eval: object  # (params, batch) -> (sum_nll, n_tokens)
+
+
+def make_steps(module: bloom.Bloom, grad_accum: int, chunk: int, mesh, state: train_state.TrainState) -> Steps:
+    """Both steps, jitted once with explicit shardings (state as mesh.param_shardings gives it, batches split
+    over the mesh, metrics replicated); `state` (arrays or ShapeDtypeStructs) gives the tree's shapes."""
+    state_shardings = mesh_lib.param_shardings(state, mesh)
+    data, scalar = mesh_lib.data_sharded(mesh), mesh_lib.replicated(mesh)
+    train = jax.jit(make_train_step(module, grad_accum, chunk), in_shardings=(state_shardings, data),
+                    out_shardings=(state_shardings, scalar), donate_argnums=0)
+    evaluate = jax.jit(lambda params, batch: batch_nll(params, module, batch, chunk),
+                       in_shardings=(state_shardings.params, data), out_shardings=scalar)
+    return Steps(train, evaluate)
+
+
+def device_steps(steps: Steps, state, batch_size: int, length: int, mesh) -> list[aot.Step]:
+    """The train step on abstract arguments of the real shapes (the memory report)."""
+    batch = mesh_lib.shard_batch({k: jax.ShapeDtypeStruct((batch_size, length), jnp.int32) for k in BATCH_KEYS},
+                                 mesh)
+    return [aot.Step("train_step", steps.train, (aot.abstract(state), batch), resident=(0,))]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -125,18 +148,33 @@ def load_tokenizer(config, workdir: str, train_examples):
     return tokenizer_lib.load_tokenizer(config.tokenizer.name_or_path or config.model.name_or_path)
 
 
-def load_model(config, vocab_size: int, rng):
-    """(module, params): a pretrained BLOOM or a random one; params in param_dtype, compute in compute_dtype."""
+def load_model(config, vocab_size: int, rng, abstract: bool = False):
+    """(module, params): a pretrained BLOOM or a random one; params in param_dtype, compute in compute_dtype.
+    abstract=True: the params' shapes only (jax.ShapeDtypeStructs), for the memory report."""
     m = config.model
     param_dtype, compute_dtype = DTYPES[m.param_dtype], DTYPES[m.compute_dtype]
     if m.name_or_path:
-        module, params = bloom.load_pretrained(m.name_or_path, dtype=param_dtype, compute_dtype=compute_dtype)
+        module, params = bloom.load_pretrained(m.name_or_path, dtype=param_dtype, compute_dtype=compute_dtype,
+                                               abstract=abstract)
         model_config = module.config
     else:
         model_config = bloom.BloomConfig(vocab_size=vocab_size, hidden_size=m.random.hidden_size,
                                          n_layer=m.random.n_layer, n_head=m.random.n_head, dtype=compute_dtype)
-        params = jax.tree.map(lambda p: p.astype(param_dtype), bloom.init_params(model_config, rng))
+        init = lambda: jax.tree.map(lambda p: p.astype(param_dtype), bloom.init_params(model_config, rng))
+        params = jax.eval_shape(init) if abstract else init()
     return bloom.Bloom(dataclasses.replace(model_config, remat=m.remat)), params
+
+
+def make_state(config, params, module: bloom.Bloom, total_steps: int, mesh) -> train_state.TrainState:
+    """The train state (params, AdamW state, step) on the mesh; abstract params give an abstract state."""
+    t = config.train
+    tx = optim.make_optimizer(t, optim.make_schedule(t, total_steps))
+    if mesh_lib.is_abstract(params):
+        state = jax.eval_shape(lambda p: train_state.TrainState.create(apply_fn=module.apply, params=p, tx=tx),
+                               params)
+    else:
+        state = train_state.TrainState.create(apply_fn=module.apply, params=params, tx=tx)
+    return mesh_lib.shard_params(state, mesh)
 
 
 def tokenized_splits(config, tokenizer, train_examples, eval_examples):
@@ -166,7 +204,7 @@ def load_splits(config):
 def padded_eval_batches(data, batch_size: int):
     """Eval batches of exactly `batch_size` rows; the last is filled with copies of row 0 with no loss weight."""
     for start in range(0, len(data.input_ids), batch_size):
-        batch = {k: getattr(data, k)[start:start + batch_size] for k in ("input_ids", "attention_mask", "loss_mask")}
+        batch = {k: getattr(data, k)[start:start + batch_size] for k in BATCH_KEYS}
         missing = batch_size - len(batch["input_ids"])
         if missing:
             batch = {k: np.concatenate([v, np.repeat(v[:1], missing, axis=0)]) for k, v in batch.items()}
@@ -174,12 +212,11 @@ def padded_eval_batches(data, batch_size: int):
         yield batch
 
 
-def evaluate(params, apply_fn, data, batch_size: int, mesh) -> float:
+def evaluate(eval_step, params, data, batch_size: int, mesh) -> float:
     """Mean response-token NLL over a whole split."""
-    step = jax.jit(eval_step, static_argnums=1)
     total, count = 0.0, 0.0
     for batch in padded_eval_batches(data, batch_size):
-        nll, n = step(params, apply_fn, mesh_lib.shard_batch(batch, mesh))
+        nll, n = eval_step(params, mesh_lib.shard_batch(batch, mesh))
         total, count = total + float(nll), count + float(n)
     return total / max(count, 1.0)
 
@@ -187,9 +224,16 @@ def evaluate(params, apply_fn, data, batch_size: int, mesh) -> float:
 # ---------------------------------------------------------------------------------------------------------------
 # The job.
 # ---------------------------------------------------------------------------------------------------------------
+def make_mesh(config):
+    try:
+        return mesh_lib.make_mesh(fsdp=config.mesh.fsdp)
+    except ValueError as e:
+        require(False, "mesh.fsdp", str(e).removeprefix("mesh.fsdp "))
+
+
 def train_and_evaluate(config, workdir: str, mesh=None) -> dict[str, float]:
     """Runs (or resumes) SFT in `workdir`; returns the first and last eval losses and the final step."""
-    mesh = mesh or mesh_lib.make_mesh()
+    mesh = mesh or make_mesh(config)
     validate_config(config, mesh.size)
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
@@ -205,64 +249,62 @@ def train_and_evaluate(config, workdir: str, mesh=None) -> dict[str, float]:
             f"({t.batch_size}) exceeds the {len(train_data.input_ids)} usable training examples")
     total_steps = t.epochs * steps_per_epoch
     print(f"{len(train_data.input_ids)} train / {len(eval_data.input_ids)} eval examples, {steps_per_epoch} "
-          f"steps per epoch, {total_steps} steps on {mesh.size} device(s)")
+          f"steps per epoch, {total_steps} steps on {mesh.size} device(s) (mesh {dict(mesh.shape)})")
 
-    # ----- model, optimizer, state (fresh or resumed) -----
-    rng = jax.random.PRNGKey(config.seed)
-    module, params = load_model(config, len(tokenizer), rng)
+    # ----- model, optimizer, steps -----
+    module, params = load_model(config, len(tokenizer), jax.random.PRNGKey(config.seed))
+    state = make_state(config, params, module, total_steps, mesh)
+    del params
+    steps = make_steps(module, t.grad_accum, t.logprob_chunk, mesh, state)
+    report = aot.report(device_steps(steps, state, t.batch_size, config.data.max_length, mesh),
+                        {"params": state.params, "optimizer": state.opt_state})
+    loop.check_memory(report, config.memory_limit_gib)
     schedule = optim.make_schedule(t, total_steps)
-    state = train_state.TrainState.create(apply_fn=module.apply, params=params,
-                                          tx=optim.make_optimizer(t, schedule))
-    state = mesh_lib.replicate(state, mesh)
-    ckpt = checkpoint.manager(os.path.join(workdir, "checkpoints"), config.keep_checkpoints)
-    state, start_step = checkpoint.restore_latest(ckpt, state)
-    if start_step:
-        print(f"resumed from checkpoint at step {start_step}")
     writer = metrics_lib.MetricWriter(workdir) if is_main else None
     eval_batch = t.batch_size // t.grad_accum
-    p_train_step = jax.jit(train_step, static_argnums=2, donate_argnums=0)
+    evals = {"first": float("nan"), "last": float("nan")}
+    current = {"state": state}  # the state the periodic eval sees (the loop owns the state)
 
-    def run_eval(step):
-        loss = evaluate(state.params, state.apply_fn, eval_data, eval_batch, mesh) if len(eval_data.input_ids) \
-            else float("nan")
+    def run_eval(done: int) -> None:
+        loss = (evaluate(steps.eval, current["state"].params, eval_data, eval_batch, mesh)
+                if len(eval_data.input_ids) else float("nan"))
+        evals["first" if done == 0 else "last"] = loss
         if writer:
-            writer.write(step, {"eval_loss": loss})
-        return loss
+            writer.write(done, {"eval_loss": loss})
 
-    # ----- train loop -----
-    first_eval = run_eval(start_step) if start_step == 0 else float("nan")
-    last_eval, window_tokens, window_start = first_eval, 0.0, time.perf_counter()
-    with tqdm.tqdm(total=total_steps, initial=start_step, desc="sft", disable=not is_main) as bar:
-        for step in range(start_step + 1, total_steps + 1):
-            epoch, index = divmod(step - 1, steps_per_epoch)
-            if index == 0 or step == start_step + 1:  # a new epoch, or resuming mid-epoch where it stopped
-                batches = tokenize_lib.batches(train_data, t.batch_size, seed=config.seed, epoch=epoch, start=index)
-            batch = next(batches)
-            batch = {k: batch[k] for k in ("input_ids", "attention_mask", "loss_mask")}
-            state, metrics = p_train_step(state, mesh_lib.shard_batch(batch, mesh), t.grad_accum)
-            window_tokens += float(batch["attention_mask"].sum())
-            bar.update(1)
-            if step % config.log_every == 0 or step == total_steps:
-                metrics = jax.device_get(metrics)
-                elapsed = time.perf_counter() - window_start
-                if writer:
-                    writer.write(step, {"train_loss": metrics["train_loss"], "grad_norm": metrics["grad_norm"],
-                                        "lr": schedule(step - 1),
-                                        "tokens_per_s": window_tokens / elapsed, "epoch": epoch})
-                window_tokens, window_start = 0.0, time.perf_counter()
-            if step % config.eval_every == 0 or step == total_steps:
-                last_eval = run_eval(step)
-            if step % config.checkpoint_every == 0 or step == total_steps:
-                checkpoint.save(ckpt, step, state)
-    ckpt.wait_until_finished()
+    window = {"tokens": 0.0, "start": time.perf_counter()}
+    batches = {"epoch": None, "iterator": None}
+
+    def train_step(state, host, i, log):
+        epoch, index = divmod(i, steps_per_epoch)
+        if batches["epoch"] != epoch:  # a new epoch, or resuming mid-epoch where it stopped
+            batches["epoch"] = epoch
+            batches["iterator"] = tokenize_lib.batches(train_data, t.batch_size, seed=config.seed, epoch=epoch,
+                                                       start=index)
+        batch = next(batches["iterator"])
+        batch = {k: batch[k] for k in BATCH_KEYS}
+        state, metrics = steps.train(state, mesh_lib.shard_batch(batch, mesh))
+        current["state"] = state
+        window["tokens"] += float(batch["attention_mask"].sum())
+        if not log:
+            return state, host, None
+        metrics = jax.device_get(metrics)
+        elapsed = time.perf_counter() - window["start"]
+        logged = {"train_loss": metrics["train_loss"], "grad_norm": metrics["grad_norm"], "lr": schedule(i),
+                  "tokens_per_s": window["tokens"] / elapsed, "epoch": epoch}
+        window.update(tokens=0.0, start=time.perf_counter())
+        return state, host, logged
+
+    spec = loop.Loop(desc="sft", unit="step", workdir=workdir, total_steps=total_steps, log_every=config.log_every,
+                     checkpoint_every=config.checkpoint_every, keep_checkpoints=config.keep_checkpoints,
+                     periodic=(loop.Periodic(config.eval_every, run_eval, at_start=True),))
+    state, _ = loop.run(spec, state, {}, train_step, writer)
+    current["state"] = state
 
     # ----- export -----
-    export_dir = os.path.join(workdir, "export")
     if is_main:
-        params = jax.device_get(state.params)
-        bloom.save_pretrained(module.config, params, export_dir)
-        tokenizer.save_pretrained(export_dir)
+        export_dir = loop.export_bloom(workdir, module.config, state.params, tokenizer)
         writer.close()
-        print(f"checkpoints: {ckpt.directory}\nmetrics (TensorBoard + metrics.jsonl): {workdir}\n"
-              f"transformers export: {export_dir}")
-    return {"first_eval_loss": first_eval, "eval_loss": last_eval, "step": total_steps}
+        print(f"checkpoints: {os.path.join(workdir, 'checkpoints')}\nmetrics (TensorBoard + metrics.jsonl): "
+              f"{workdir}\ntransformers export: {export_dir}")
+    return {"first_eval_loss": evals["first"], "eval_loss": evals["last"], "step": total_steps}

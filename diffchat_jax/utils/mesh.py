@@ -1,7 +1,14 @@
-"""Data-parallel placement: one `data` mesh axis over the devices; batches split on it, state replicated.
+"""The one device mesh: axes `data` x `fsdp`; batches split over both, params replicated or sharded on `fsdp`.
 
-Steps are plain `jax.jit` functions whose inputs carry these shardings; XLA inserts the gradient all-reduce, so
-the step is written as if for one device and averages over the global batch by construction (no explicit pmean).
+A job makes its mesh once (`make_mesh(fsdp=config.mesh.fsdp)`) and passes it down to everything that places
+arrays: the trainers' jitted steps, the rollout, the renderer and the scorers. Steps are `jax.jit` functions whose
+inputs carry these shardings (explicit `in_shardings` / `out_shardings` at the jit boundary); XLA inserts the
+gradient all-reduce (and, with fsdp > 1, the parameter all-gathers and gradient reduce-scatters: GSPMD), so a step
+is written as if for one device and averages over the global batch by construction (no explicit pmean).
+
+fsdp = 1 (the default): every device holds all params (pure data parallelism). fsdp = F > 1: each param of two
+or more dimensions is split F ways on its largest axis that F divides (optimizer state likewise), for models whose
+replicated params and optimizer state do not fit one device (BLOOM-3b, 7b1).
 """
 from typing import Sequence
 
@@ -10,12 +17,16 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 DATA_AXIS = "data"
+FSDP_AXIS = "fsdp"
+BATCH_AXES = (DATA_AXIS, FSDP_AXIS)  # the batch dimension is split over every device
 
 
-def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A 1-D mesh named `data` over `devices` (default: all devices of all hosts)."""
+def make_mesh(devices: Sequence[jax.Device] | None = None, fsdp: int = 1) -> Mesh:
+    """A [devices / fsdp, fsdp] mesh named (`data`, `fsdp`) over `devices` (default: all devices of all hosts)."""
     devices = jax.devices() if devices is None else list(devices)
-    return Mesh(np.asarray(devices), (DATA_AXIS,))
+    if fsdp < 1 or len(devices) % fsdp:
+        raise ValueError(f"mesh.fsdp ({fsdp}) must be >= 1 and divide the {len(devices)} devices")
+    return Mesh(np.asarray(devices).reshape(len(devices) // fsdp, fsdp), BATCH_AXES)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -23,28 +34,82 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def data_sharded(mesh: Mesh) -> NamedSharding:
-    """Splits the leading (batch) dimension across the `data` axis."""
-    return NamedSharding(mesh, P(DATA_AXIS))
+    """Splits the leading (batch) dimension across every device of the mesh."""
+    return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def param_spec(shape: tuple[int, ...], fsdp: int) -> P:
+    """Replicated, or (fsdp > 1, two or more dimensions) split on the largest axis that fsdp divides."""
+    if fsdp == 1 or len(shape) < 2:
+        return P()
+    axes = [a for a in np.argsort(shape)[::-1] if shape[a] % fsdp == 0]
+    if not axes:
+        return P()
+    spec = [None] * len(shape)
+    spec[axes[0]] = FSDP_AXIS
+    return P(*spec)
+
+
+def param_shardings(tree, mesh: Mesh):
+    """The sharding of every leaf (arrays or jax.ShapeDtypeStruct) of a param or optimizer-state tree."""
+    fsdp = mesh.shape[FSDP_AXIS]
+    return jax.tree.map(lambda x: NamedSharding(mesh, param_spec(np.shape(x), fsdp)), tree)
+
+
+def place(tree, shardings):
+    """Arrays -> device arrays with `shardings` (one sharding or a matching tree); jax.ShapeDtypeStruct leaves
+    -> ShapeDtypeStructs with the sharding (abstract placement: the memory report lowers steps on them)."""
+    if not isinstance(shardings, jax.sharding.Sharding):
+        return jax.tree.map(_place_leaf, tree, shardings)
+    return jax.tree.map(lambda x: _place_leaf(x, shardings), tree)
+
+
+def _place_leaf(x, sharding):
+    if isinstance(x, jax.ShapeDtypeStruct):
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+    return jax.device_put(x, sharding)
+
+
+def is_abstract(tree) -> bool:
+    """True when any leaf is a jax.ShapeDtypeStruct (a tree of shapes only, for the memory report)."""
+    return any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(tree))
+
+
+def shard_params(tree, mesh: Mesh):
+    """Params (or optimizer state) onto the mesh: replicated, or split on `fsdp` (see `param_spec`)."""
+    return place(tree, param_shardings(tree, mesh))
 
 
 def shard_batch(batch, mesh: Mesh):
-    """Host numpy arrays [B, ...] (this host's part of the global batch) -> global jax arrays split on `data`."""
+    """Host numpy arrays [B, ...] (this host's part of the global batch) -> global jax arrays split over the
+    mesh; ShapeDtypeStruct leaves get the sharding (abstract)."""
     sharding = data_sharded(mesh)
-    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), batch)
+
+    def leaf(x):
+        if isinstance(x, jax.ShapeDtypeStruct):
+            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+        return jax.make_array_from_process_local_data(sharding, np.asarray(x))
+
+    return jax.tree.map(leaf, batch)
 
 
 def replicate(tree, mesh: Mesh):
-    return jax.device_put(tree, replicated(mesh))
+    return place(tree, replicated(mesh))
+
+
+def chunk_size(batch_size: int, total: int, mesh: Mesh) -> int:
+    """Rows per chunk of `map_in_chunks`: min(batch_size, total) rounded up to the mesh's device count."""
+    return -(-min(batch_size, total) // mesh.devices.size) * mesh.devices.size
 
 
 def map_in_chunks(fn, arrays: Sequence[np.ndarray], batch_size: int, mesh: Mesh) -> np.ndarray:
-    """fn(*chunks) -> [C, ...] over host arrays [N, ...] in chunks of C rows split on `data`; returns [N, ...].
+    """fn(*chunks) -> [C, ...] over host arrays [N, ...] in chunks of C rows split over the mesh; returns [N, ...].
 
-    C is min(batch_size, N) rounded up to the mesh's device count, and the last chunk is padded by repeating its
-    final row (its outputs dropped), so a jitted fn compiles one shape per run.
+    C is `chunk_size(batch_size, N, mesh)`, and the last chunk is padded by repeating its final row (its outputs
+    dropped), so a jitted fn compiles one shape per run.
     """
     total = len(arrays[0])
-    chunk = -(-min(batch_size, total) // mesh.devices.size) * mesh.devices.size
+    chunk = chunk_size(batch_size, total, mesh)
     outputs = []
     for start in range(0, total, chunk):
         part = [a[start:start + chunk] for a in arrays]

@@ -1,0 +1,91 @@
+"""The one training loop of SFT and PPO: resume, steps under a progress bar, metrics, periodic actions and
+checkpoints; the memory check both trainers run at start-up; and the export both end with.
+
+    state, host = loop.run(loop.Loop(desc="ppo", unit="iteration", ...), state, host, step_fn, writer)
+
+`step_fn(state, host, i, log) -> (state, host, metrics)` runs step i (0-based; i + 1 steps are then done). When
+`log` is True its metrics (a dict of numbers) are written at step i + 1; otherwise they may be None. A run that
+finds a checkpoint in `workdir/checkpoints` continues after it: the device state and the host state (a JSON dict)
+are restored, and step_fn is asked for the same steps an uninterrupted run would have run next.
+"""
+import dataclasses
+import os
+from typing import Callable
+
+import jax
+import tqdm
+
+from diffchat_jax.models import bloom
+from diffchat_jax.utils import aot, checkpoint
+from diffchat_jax.utils.validate import ConfigError
+
+
+@dataclasses.dataclass(frozen=True)
+class Periodic:
+    """fn(done) after every `every` completed steps and after the last step (done = completed steps);
+    at_start: also before the first step of a fresh run (done = 0)."""
+    every: int
+    fn: Callable[[int], None]
+    at_start: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Loop:
+    desc: str  # the progress bar's label
+    unit: str  # "step" or "iteration", as the messages say it
+    workdir: str
+    total_steps: int
+    log_every: int
+    checkpoint_every: int
+    keep_checkpoints: int
+    periodic: tuple[Periodic, ...] = ()
+
+
+def run(spec: Loop, state, host: dict, step_fn, writer=None):
+    """Runs (or resumes) the loop; returns the final (state, host). `writer`: a MetricWriter on the main process,
+    None elsewhere."""
+    is_main = jax.process_index() == 0
+    ckpt = checkpoint.manager(os.path.join(spec.workdir, "checkpoints"), spec.keep_checkpoints)
+    state, host, start = checkpoint.restore_latest(ckpt, state, host)
+    if start:
+        print(f"resumed from checkpoint at {spec.unit} {start}")
+    else:
+        for action in spec.periodic:
+            if action.at_start:
+                action.fn(0)
+    due = lambda every, done: done % every == 0 or done == spec.total_steps
+    with tqdm.tqdm(total=spec.total_steps, initial=start, desc=spec.desc, disable=not is_main) as bar:
+        for i in range(start, spec.total_steps):
+            done = i + 1
+            log = due(spec.log_every, done)
+            state, host, metrics = step_fn(state, host, i, log)
+            bar.update(1)
+            if log and writer is not None:
+                writer.write(done, metrics)
+            for action in spec.periodic:
+                if due(action.every, done):
+                    action.fn(done)
+            if due(spec.checkpoint_every, done):
+                checkpoint.save(ckpt, done, state, host)
+    ckpt.wait_until_finished()
+    return state, host
+
+
+def check_memory(report: aot.Report, limit_gib: float) -> None:
+    """Prints the memory report; raises ConfigError when its peak exceeds `limit_gib` (0 = no limit)."""
+    print("memory per device (XLA's estimate of every jitted step):\n  " + "\n  ".join(report.lines()))
+    if limit_gib and report.peak_gib > limit_gib:
+        largest = report.largest()
+        raise ConfigError(
+            f"config.memory_limit_gib: the job needs about {report.peak_gib:.3g} GiB per device "
+            f"({report.resident_gib:.3g} resident + {largest.transient_gib:.3g} for its largest step, {largest.name}) "
+            f"but the limit is {limit_gib:g} GiB; lower the batch sizes of that step, set model.remat=True, or "
+            f"shard the params with mesh.fsdp")
+
+
+def export_bloom(workdir: str, config: bloom.BloomConfig, params, tokenizer) -> str:
+    """The model in transformers format (with its value head, if any) and its tokenizer in workdir/export."""
+    export_dir = os.path.join(workdir, "export")
+    bloom.save_pretrained(config, jax.device_get(params), export_dir)
+    tokenizer.save_pretrained(export_dir)
+    return export_dir
