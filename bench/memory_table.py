@@ -19,6 +19,7 @@ ROWS = {
     "1b1": ("bloom-1b1", 1, 1, ()),
     "1b1 remat off": ("bloom-1b1", 1, 1, ("--config.model.remat=False",)),
     "1b1 remat off, grad_accum 2": ("bloom-1b1", 1, 1, ("--config.model.remat=False", "--config.ppo.grad_accum=2")),
+    "1b1 rollout_batch_size 32": ("bloom-1b1", 1, 1, ("--config.ppo.rollout_batch_size=32",)),
     "1b1 x8": ("bloom-1b1", 8, 1, ()),
     "1b1 x8 fsdp 8": ("bloom-1b1", 8, 8, ()),
     "3b": ("bloom-3b", 1, 1, ()),

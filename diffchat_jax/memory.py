@@ -82,11 +82,7 @@ REPORTS = {"ppo": ppo_report, "sft": sft_report}
 def job_report(config, devices=None) -> aot.Report:
     """The memory report of `config`'s job on `devices` (default: all) with the config's mesh."""
     require(config.mode in REPORTS, "mode", f"{config.mode!r} has no memory report; known: {sorted(REPORTS)}")
-    try:
-        mesh = mesh_lib.make_mesh(devices, fsdp=config.mesh.fsdp)
-    except ValueError as e:
-        raise ConfigError(f"config.{e}") from e
-    return REPORTS[config.mode](config, mesh)
+    return REPORTS[config.mode](config, mesh_lib.from_config(config, devices))
 
 
 def main(argv):

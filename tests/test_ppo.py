@@ -41,8 +41,9 @@ def make_batch(batch=8, seed=0) -> ppo.Batch:
                      scores=rng.normal(size=batch).astype(np.float32))
 
 
-def run_update(params, batch, hp=HP, seed=0, tx=optax.adamw(1e-2), mesh=None):
-    """experience then update, jitted as the learner does; returns (state, frozen, stats)."""
+def run_update(params, batch, hp=HP, seed=0, tx=optax.adamw(1e-2), mesh=None, compiled_text=False):
+    """experience then update, jitted as the learner does; returns (state, frozen, stats), and with
+    compiled_text=True also the update's compiled HLO."""
     module = bloom.Bloom(CONFIG)
     mesh = mesh or mesh_lib.make_mesh(jax.devices()[:1])
     trainable, frozen = ppo.partition(params, CONFIG.n_layer, hp.trainable_blocks)
@@ -50,8 +51,10 @@ def run_update(params, batch, hp=HP, seed=0, tx=optax.adamw(1e-2), mesh=None):
     state = ppo.TrainState(trainable, mesh_lib.shard_params(tx.init(trainable), mesh))
     steps = ppo.make_steps(module, tx, hp, mesh, state, frozen)
     exp, _ = steps.experience(trainable, frozen, trainable, mesh_lib.shard_batch(batch, mesh), jnp.float32(0.05))
-    state, stats = steps.update(jax.tree.map(jnp.copy, state), frozen, exp, jax.random.PRNGKey(seed))
-    return state, frozen, stats
+    key = jax.random.PRNGKey(seed)
+    text = steps.update.lower(state, frozen, exp, key).compile().as_text() if compiled_text else None
+    state, stats = steps.update(jax.tree.map(jnp.copy, state), frozen, exp, key)
+    return (state, frozen, stats, text) if compiled_text else (state, frozen, stats)
 
 
 def test_is_trainable_last_blocks_ln_f_value_head():
@@ -189,20 +192,26 @@ def test_hyper_names_the_bad_field():
 
 
 MULTI_DEVICE_SCRIPT = textwrap.dedent("""
+    import dataclasses
     import jax, numpy as np, optax
     from tests import test_ppo as t
     from diffchat_jax.rl import ppo
     from diffchat_jax.utils import mesh as mesh_lib
     assert jax.device_count() == 8
     params, batch = t.make_params(), t.make_batch(batch=16, seed=5)
+    hp = dataclasses.replace(t.HP, minibatch_size=8)
     results = []
     for devices, fsdp in ((jax.devices()[:1], 1), (jax.devices(), 1), (jax.devices(), 4)):
         mesh = mesh_lib.make_mesh(devices, fsdp=fsdp)
         # SGD: the update is the gradient itself (Adam would amplify float noise on near-zero gradients).
-        state, *_ = t.run_update(params, batch, tx=optax.sgd(0.1), mesh=mesh)
+        state, _, _, text = t.run_update(params, batch, hp=hp, tx=optax.sgd(0.1), mesh=mesh, compiled_text=True)
         if fsdp > 1:
             spec = state.trainable["h_3"]["mlp"]["dense_h_to_4h"]["kernel"].sharding.spec
             assert "fsdp" in spec, spec  # the params really are split
+        if len(devices) == 8 and fsdp == 1:
+            # Each device runs its row of every 8-row minibatch through the blocks ([1, T, H] activations), not
+            # the whole minibatch ([8, T, H]: a shuffle that lost the batch split would run every row everywhere).
+            assert "[1,11,32]" in text and "[8,11,32]" not in text
         results.append(jax.device_get(state.trainable))
     diff = lambda a, b: max(jax.tree.leaves(jax.tree.map(lambda x, y: float(np.abs(x - y).max()), a, b)))
     before, _ = ppo.partition(params, 4, 2)

@@ -1,6 +1,7 @@
 """PPO end to end on the tiny config: it learns, resumes exactly after a kill, and handles non-finite rewards."""
 import json
 
+import jax
 import numpy as np
 import pytest
 import safetensors.numpy
@@ -12,7 +13,7 @@ from diffchat_jax import tiny_models as tiny_models_lib
 from diffchat_jax.rewards import base as reward_base, combine
 from diffchat_jax.rl import learner as learner_lib, trainer
 from diffchat_jax.text import keywords
-from diffchat_jax.utils import metrics as metrics_lib
+from diffchat_jax.utils import mesh as mesh_lib, metrics as metrics_lib
 
 pytestmark = pytest.mark.skipif(not keywords.wordnet_available(), reason="NLTK WordNet is not installed")
 
@@ -118,6 +119,26 @@ def test_kill_and_resume_matches_uninterrupted(sft_dir, tiny_models, tmp_path):
     b = safetensors.numpy.load_file(str(killed / "export" / "model.safetensors"))
     for name in a:
         np.testing.assert_allclose(b[name], a[name], rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def test_rollout_in_chunks_keeps_every_row(sft_dir):
+    """ppo.rollout_batch_size: the batch sampled in calls of 8 rows gives the rows of one call (greedy decoding,
+    so the draws' keys do not matter), in order; the memory report then sizes the rollout by the chunk."""
+    config = tiny_config(sft_dir, **{"sampling.greedy": True, "adm.negative": False})
+    prompts = trainer.load_prompts(config)
+    rows = np.arange(32)
+    ids, mask = trainer.left_padded_prompts(prompts.data, rows, prompts.prompt_length,
+                                            prompts.tokenizer.pad_token_id)
+    outputs, rollout_rows = [], []
+    for chunk in (0, 8):
+        config.ppo.rollout_batch_size = chunk
+        learner = learner_lib.Learner(config, mesh_lib.make_mesh(), prompt_length=prompts.prompt_length,
+                                      tokenizer=prompts.tokenizer)
+        outputs.append(learner.rollout(ids, mask, None, jax.random.PRNGKey(0)))
+        rollout_rows.append(learner.device_steps()[0].args[2].shape[0])
+    np.testing.assert_array_equal(outputs[1][0], outputs[0][0])
+    np.testing.assert_array_equal(outputs[1][1], outputs[0][1])
+    assert outputs[0][1].sum(1).min() > 0 and rollout_rows == [32, 8]
 
 
 @reward_base.register("nan_for_sample_1")

@@ -90,7 +90,7 @@ class Learner:
 
     def __init__(self, config, mesh, *, prompt_length: int, tokenizer=None, total_iterations: int = 1,
                  abstract: bool = False):
-        self.config, self.mesh, self.abstract = config, mesh, abstract
+        self.config, self.mesh = config, mesh
         m, p = config.model, config.ppo
         module, params = bloom.load_pretrained(resolve_model_dir(m.name_or_path), dtype=DTYPES[m.param_dtype],
                                                value_head=True, compute_dtype=DTYPES[m.compute_dtype],
@@ -135,13 +135,24 @@ class Learner:
 
     # ----- the stages ------------------------------------------------------------------------------------------
     def rollout(self, prompt_ids: np.ndarray, prompt_mask: np.ndarray, plans, key) -> tuple[np.ndarray, np.ndarray]:
-        """Left-padded prompts [B, P] and ADM pi- plans (adm.AdmPlan or None) -> (response ids, mask) [B, N]."""
-        ids, mask = mesh_lib.shard_batch((prompt_ids, prompt_mask), self.mesh)
-        plan = None if plans is None else mesh_lib.shard_batch(rollout.Plan.from_adm(plans), self.mesh)
-        out = rollout.generate(self.module, self.policy_params, ids, mask, self._replicated(key), self.sampling,
-                               plan)
-        tokens, response_mask = jax.device_get((out.tokens, out.mask))
-        return np.asarray(tokens), np.asarray(response_mask)
+        """Left-padded prompts [B, P] and ADM pi- plans (adm.AdmPlan or None) -> (response ids, mask) [B, N].
+
+        In calls of `ppo.rollout_batch_size` rows (0 = all B at once; chunk c draws with fold_in(key, c))."""
+        size = self.config.ppo.rollout_batch_size or len(prompt_ids)
+        plan = None if plans is None else rollout.Plan.from_adm(plans)
+        tokens, masks = [], []
+        for chunk, start in enumerate(range(0, len(prompt_ids), size)):
+            rows = slice(start, start + size)
+            ids, mask = mesh_lib.shard_batch((prompt_ids[rows], prompt_mask[rows]), self.mesh)
+            rows_plan = None if plan is None else mesh_lib.shard_batch(jax.tree.map(lambda x: x[rows], plan),
+                                                                       self.mesh)
+            chunk_key = key if size == len(prompt_ids) else jax.random.fold_in(key, chunk)
+            out = rollout.generate(self.module, self.policy_params, ids, mask, self._replicated(chunk_key),
+                                   self.sampling, rows_plan)
+            chunk_tokens, chunk_mask = jax.device_get((out.tokens, out.mask))
+            tokens.append(chunk_tokens)
+            masks.append(chunk_mask)
+        return np.concatenate(tokens), np.concatenate(masks)
 
     def render(self, responses: list[str], iteration: int) -> tuple[np.ndarray | None, np.ndarray | None]:
         """(images [B, n, H, W, 3] uint8, seeds [B, n]) of the responses, n = render.images_per_prompt; (None, None)
@@ -185,13 +196,14 @@ class Learner:
         """Every jitted call of an iteration on abstract arguments of the real shapes and shardings, in order."""
         c = self.config
         batch_size, prompt, new = c.ppo.batch_size, self.hp.prompt_length, self.sampling.max_new_tokens
+        rollout_rows = c.ppo.rollout_batch_size or batch_size
         s = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype)
         key = self._abstract_replicated(s((2,), jnp.uint32))
-        prompts = mesh_lib.shard_batch((s((batch_size, prompt), jnp.int32),) * 2, self.mesh)
+        prompts = mesh_lib.shard_batch((s((rollout_rows, prompt), jnp.int32),) * 2, self.mesh)
         plan = None
         if c.adm.negative:
-            rows = s((batch_size, c.adm.max_sequences, c.adm.max_tokens), jnp.int32)
-            plan = mesh_lib.shard_batch(rollout.Plan(negative=s((batch_size,), jnp.bool_), ban=rows,
+            rows = s((rollout_rows, c.adm.max_sequences, c.adm.max_tokens), jnp.int32)
+            plan = mesh_lib.shard_batch(rollout.Plan(negative=s((rollout_rows,), jnp.bool_), ban=rows,
                                                      steer_from=rows, steer_to=rows), self.mesh)
         params = aot.abstract(self.policy_params)
         steps = [aot.Step("rollout", rollout.generate, (self.module, params, *prompts, key, self.sampling, plan),

@@ -88,19 +88,14 @@ class Hyper:
     logprob_chunk: int = 16  # response positions per LM-head chunk
 
     def __post_init__(self):
+        # The shapes the steps rely on; rl.trainer.validate_config checks every field from the config before
+        # anything is loaded, this guards direct construction.
         for name in ("ppo_epochs", "minibatch_size", "grad_accum", "trainable_blocks", "logprob_chunk"):
             require(getattr(self, name) >= 1, f"ppo.{name}", f"must be >= 1, got {getattr(self, name)}")
         require(self.trainable_blocks <= self.n_layer, "ppo.trainable_blocks",
                 f"({self.trainable_blocks}) exceeds the model's {self.n_layer} blocks")
         require(self.minibatch_size % self.grad_accum == 0, "ppo.minibatch_size",
                 f"({self.minibatch_size}) must be a multiple of ppo.grad_accum ({self.grad_accum})")
-        require(self.experience_batch_size >= 0, "ppo.experience_batch_size",
-                f"must be >= 0, got {self.experience_batch_size}")
-        require(0 < self.gamma <= 1 and 0 <= self.lam <= 1, "ppo.gamma/lam",
-                f"must be in (0, 1], got {self.gamma}, {self.lam}")
-        require(self.clip > 0 and self.value_clip > 0, "ppo.clip/value_clip", "must be > 0")
-        require(self.alpha >= 0, "vci.alpha", f"must be >= 0, got {self.alpha}")
-        require(self.ent_coef >= 0, "ppo.ent_coef", f"must be >= 0, got {self.ent_coef}")
 
     @classmethod
     def from_config(cls, config, n_layer: int, prompt_length: int) -> "Hyper":
@@ -173,13 +168,27 @@ def response_forward(module: bloom.Bloom, hp: Hyper, params, input_ids, attentio
 # ---------------------------------------------------------------------------------------------------------------
 # The steps.
 # ---------------------------------------------------------------------------------------------------------------
-def make_experience_fn(module: bloom.Bloom, hp: Hyper):
+def stacked_batch_constraint(mesh):
+    """tree of [n, B, ...] arrays -> the same, constrained to split dimension 1 over the mesh (identity for no mesh).
+
+    Micro-batches and minibatches are cut out of a batch split over the devices by reshapes and gathers (a
+    shuffle); XLA's sharding propagation may lose the split there and run every row on every device, so the
+    stacked [n, B, ...] arrays that the scans run over are pinned to it."""
+    if mesh is None:
+        return lambda tree: tree
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, mesh_lib.BATCH_AXES))
+    return lambda tree: jax.lax.with_sharding_constraint(tree, sharding)
+
+
+def make_experience_fn(module: bloom.Bloom, hp: Hyper, mesh=None):
     """experience(trainable, frozen, ref_trainable, batch: Batch, beta) -> (Experience, stats).
 
     ref_trainable: the reference (SFT) policy's values of the trainable params; it shares `frozen`.
     Per-token reward: -beta * (log pi - log pi_ref) on each response token, + the scalar reward at the last one.
     stats: float32 scalars: kl (mean over samples of the summed per-token KL), explained_variance (of V̂).
+    mesh: the mesh the batch is split over (micro-batches stay split over it); None on one device.
     """
+    constrain = stacked_batch_constraint(mesh)
 
     def forward(trainable, frozen, ref_trainable, rows):
         trunk = trunk_forward(module, hp, frozen, rows["input_ids"], rows["attention_mask"])
@@ -195,7 +204,7 @@ def make_experience_fn(module: bloom.Bloom, hp: Hyper):
         n_micro = size // hp.experience_batch_size if hp.experience_batch_size else 1
         if n_micro > 1:
             out = jax.lax.map(lambda micro: forward(trainable, frozen, ref_trainable, micro),
-                              split_microbatches(rows, n_micro))
+                              constrain(split_microbatches(rows, n_micro)))
             out = merge_microbatches(out)
         else:
             out = forward(trainable, frozen, ref_trainable, rows)
@@ -219,12 +228,13 @@ def make_experience_fn(module: bloom.Bloom, hp: Hyper):
     return experience
 
 
-def make_update_fn(module: bloom.Bloom, tx: optax.GradientTransformation, hp: Hyper):
+def make_update_fn(module: bloom.Bloom, tx: optax.GradientTransformation, hp: Hyper, mesh=None):
     """update(state: TrainState, frozen, exp: Experience, key) -> (state, stats): hp.ppo_epochs passes over the
     batch in shuffled minibatches of hp.minibatch_size, one optimizer step each, gradients summed over
     hp.grad_accum micro-batches. stats: the mean over all minibatches of the losses, entropy, clip fractions,
-    approximate KL and gradient norm (float32 scalars)."""
+    approximate KL and gradient norm (float32 scalars). mesh: as for make_experience_fn."""
     entropy_mode = "grad" if hp.ent_coef > 0 else "stat"
+    constrain = stacked_batch_constraint(mesh)
 
     def micro_loss(trainable, frozen, micro: Experience, token_share):
         """The PPO loss of one micro-batch, weighted by its share of the minibatch's response tokens, so that
@@ -257,7 +267,7 @@ def make_update_fn(module: bloom.Bloom, tx: optax.GradientTransformation, hp: Hy
                 return jax.tree.map(jnp.add, grads, micro_grads), stats
 
             grads, stats = jax.lax.scan(accumulate, jax.tree.map(jnp.zeros_like, state.trainable),
-                                        split_microbatches(minibatch, hp.grad_accum))
+                                        constrain(split_microbatches(minibatch, hp.grad_accum)))
             stats = jax.tree.map(lambda s: s.sum(0), stats)  # token-share weighted: the sum is the minibatch mean
             updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
             stats["grad_norm"] = optax.global_norm(grads)
@@ -267,7 +277,7 @@ def make_update_fn(module: bloom.Bloom, tx: optax.GradientTransformation, hp: Hy
             order = jax.random.permutation(epoch_key, batch_size)[:n_minibatches * hp.minibatch_size]
             minibatches = jax.tree.map(
                 lambda x: x[order].reshape(n_minibatches, hp.minibatch_size, *x.shape[1:]), exp)
-            return jax.lax.scan(minibatch_step, state, minibatches)
+            return jax.lax.scan(minibatch_step, state, constrain(minibatches))
 
         state, stats = jax.lax.scan(epoch, state, jax.random.split(key, hp.ppo_epochs))
         return state, jax.tree.map(jnp.mean, stats)
@@ -291,9 +301,9 @@ def make_steps(module: bloom.Bloom, tx: optax.GradientTransformation, hp: Hyper,
     state_shardings = TrainState(params, mesh_lib.param_shardings(state.opt_state, mesh))
     frozen_shardings = mesh_lib.param_shardings(frozen, mesh)
     data, scalar = mesh_lib.data_sharded(mesh), mesh_lib.replicated(mesh)
-    experience = jax.jit(make_experience_fn(module, hp),
+    experience = jax.jit(make_experience_fn(module, hp, mesh),
                          in_shardings=(params, frozen_shardings, params, data, scalar),
                          out_shardings=(data, scalar))
-    update = jax.jit(make_update_fn(module, tx, hp), in_shardings=(state_shardings, frozen_shardings, data, scalar),
+    update = jax.jit(make_update_fn(module, tx, hp, mesh), in_shardings=(state_shardings, frozen_shardings, data, scalar),
                      out_shardings=(state_shardings, scalar), donate_argnums=0)
     return Steps(experience, update)

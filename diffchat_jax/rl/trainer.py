@@ -43,13 +43,14 @@ def validate_config(config, num_devices: int) -> None:
     require(p.minibatch_size % (p.grad_accum * num_devices) == 0, "ppo.minibatch_size",
             f"({p.minibatch_size}) must be a multiple of grad_accum x devices = {p.grad_accum} x {num_devices}")
     require(p.batch_size % num_devices == 0, "ppo.batch_size", f"must be a multiple of {num_devices} devices")
-    require(p.experience_batch_size >= 0 and (
-        p.experience_batch_size == 0 or (p.batch_size % p.experience_batch_size == 0
-                                         and p.experience_batch_size % num_devices == 0)),
-        "ppo.experience_batch_size", f"({p.experience_batch_size}) must be 0 (the whole batch) or divide "
-        f"ppo.batch_size ({p.batch_size}) and be a multiple of {num_devices} devices")
+    for field in ("rollout_batch_size", "experience_batch_size"):  # rows per call of that step
+        rows = p[field]
+        require(rows == 0 or (rows > 0 and p.batch_size % rows == 0 and rows % num_devices == 0), f"ppo.{field}",
+                f"({rows}) must be 0 (the whole batch) or divide ppo.batch_size ({p.batch_size}) and be a multiple "
+                f"of {num_devices} devices")
     require(0 < p.gamma <= 1 and 0 <= p.lam <= 1, "ppo.gamma/lam", f"must be in (0, 1], got {p.gamma}, {p.lam}")
     require(p.clip > 0 and p.value_clip > 0, "ppo.clip/value_clip", "must be > 0")
+    require(p.ent_coef >= 0, "ppo.ent_coef", f"must be >= 0, got {p.ent_coef}")
     require(config.kl.init >= 0, "kl.init", f"must be >= 0, got {config.kl.init}")
     require(config.kl.target > 0 and config.kl.horizon > 0, "kl.target/horizon", "must be > 0")
     require(config.vci.alpha >= 0, "vci.alpha", f"must be >= 0, got {config.vci.alpha}")
@@ -83,13 +84,6 @@ def validate_render_config(r) -> None:
     for field in ("num_steps", "images_per_prompt", "batch_size"):
         require(r[field] >= 1, f"render.{field}", f"must be >= 1, got {r[field]}")
     require(r.height >= 0 and r.width >= 0, "render.height/width", "must be >= 0 (0 = the model's size)")
-
-
-def make_mesh(config):
-    try:
-        return mesh_lib.make_mesh(fsdp=config.mesh.fsdp)
-    except ValueError as e:
-        require(False, "mesh.fsdp", str(e).removeprefix("mesh.fsdp "))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -173,7 +167,7 @@ def log_images(workdir: str, writer, iteration: int, responses, images: np.ndarr
 # ---------------------------------------------------------------------------------------------------------------
 def train_and_evaluate(config, workdir: str, mesh=None) -> dict[str, float]:
     """Runs (or resumes) PPO in `workdir`; returns the mean reward of the first and last iterations."""
-    mesh = mesh or make_mesh(config)
+    mesh = mesh or mesh_lib.from_config(config)
     validate_config(config, mesh.size)
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
@@ -195,8 +189,9 @@ def train_and_evaluate(config, workdir: str, mesh=None) -> dict[str, float]:
     samples_path = os.path.join(workdir, "samples.jsonl")
     keyword_config = keywords.from_config(config.ci)
     tokenizer = prompts.tokenizer
-    rewards = {"first": float("nan"), "last": float("nan")}
-    first_this_run = [True]
+    # The mean reward of the first and last iterations this process runs; the first of a run (fresh or resumed)
+    # also logs samples and images.
+    run = {"first_reward": float("nan"), "last_reward": float("nan"), "first": True}
 
     def iteration(state, host, it, log):
         learner.state, learner.host = state, HostState.from_json(host)
@@ -256,17 +251,17 @@ def train_and_evaluate(config, workdir: str, mesh=None) -> dict[str, float]:
         # Bookkeeping.
         valid = scored.valid
         mean_reward = float(scored.raw[valid].mean()) if valid.any() else float("nan")
-        rewards["first"] = mean_reward if first_this_run[0] else rewards["first"]
-        rewards["last"] = mean_reward
+        run["first_reward"] = mean_reward if run["first"] else run["first_reward"]
+        run["last_reward"] = mean_reward
         done = it + 1
-        if is_main and (done % config.sample_log_every == 0 or first_this_run[0]):
+        if is_main and (done % config.sample_log_every == 0 or run["first"]):
             log_samples(samples_path, done, prompts, rows, responses, scored.scores, scored.raw, plans,
                         config.samples_per_log)
         if (writer and images is not None and config.render.log_every
-                and (done % config.render.log_every == 0 or first_this_run[0])):
+                and (done % config.render.log_every == 0 or run["first"])):
             log_images(workdir, writer, done, responses, images, seeds, config.render.log_images,
                        config.render.model)
-        first_this_run[0] = False
+        run["first"] = False
         tokens = float(lengths.sum())
         metrics = {
             "reward": mean_reward, **{f"reward_{k}": float(v[valid].mean()) for k, v in scored.scores.items()},
@@ -293,4 +288,4 @@ def train_and_evaluate(config, workdir: str, mesh=None) -> dict[str, float]:
               f"{workdir}\nsample responses: {samples_path}\ntransformers export (policy + value head): {export_dir}")
         if learner.renderer is not None and config.render.log_every:
             print(f"rendered samples (PNG, prompt in the metadata; also TensorBoard images): {workdir}/images")
-    return {"first_reward": rewards["first"], "last_reward": rewards["last"], "iterations": total_iterations}
+    return {"first_reward": run["first_reward"], "last_reward": run["last_reward"], "iterations": total_iterations}

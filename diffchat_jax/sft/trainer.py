@@ -224,16 +224,9 @@ def evaluate(eval_step, params, data, batch_size: int, mesh) -> float:
 # ---------------------------------------------------------------------------------------------------------------
 # The job.
 # ---------------------------------------------------------------------------------------------------------------
-def make_mesh(config):
-    try:
-        return mesh_lib.make_mesh(fsdp=config.mesh.fsdp)
-    except ValueError as e:
-        require(False, "mesh.fsdp", str(e).removeprefix("mesh.fsdp "))
-
-
 def train_and_evaluate(config, workdir: str, mesh=None) -> dict[str, float]:
     """Runs (or resumes) SFT in `workdir`; returns the first and last eval losses and the final step."""
-    mesh = mesh or make_mesh(config)
+    mesh = mesh or mesh_lib.from_config(config)
     validate_config(config, mesh.size)
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)

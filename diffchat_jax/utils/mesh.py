@@ -16,6 +16,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from diffchat_jax.utils.validate import ConfigError
+
 DATA_AXIS = "data"
 FSDP_AXIS = "fsdp"
 BATCH_AXES = (DATA_AXIS, FSDP_AXIS)  # the batch dimension is split over every device
@@ -27,6 +29,14 @@ def make_mesh(devices: Sequence[jax.Device] | None = None, fsdp: int = 1) -> Mes
     if fsdp < 1 or len(devices) % fsdp:
         raise ValueError(f"mesh.fsdp ({fsdp}) must be >= 1 and divide the {len(devices)} devices")
     return Mesh(np.asarray(devices).reshape(len(devices) // fsdp, fsdp), BATCH_AXES)
+
+
+def from_config(config, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """The job's mesh from `config.mesh` (fsdp); a value that cannot work raises ConfigError naming the field."""
+    try:
+        return make_mesh(devices, fsdp=config.mesh.fsdp)
+    except ValueError as e:
+        raise ConfigError(f"config.{e}") from e
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
