@@ -35,7 +35,7 @@ setuptools.setup(
         # PyTorch is only needed for the reference models in tests and benchmarks. The pin matters: an unpinned
         # torch resolves to a multi-GB CUDA build on machines that have the CPU wheel locally.
         "torch": ["torch==2.13.0"],
-        "test": ["torch==2.13.0", "pytest>=8", "pytest-xdist>=3.5", "chex>=0.1.90", "nbmake>=1.5",
+        "test": ["torch==2.13.0", "pytest>=8", "pytest-xdist>=3.5", "filelock>=3.12", "chex>=0.1.90", "nbmake>=1.5",
                  "ipykernel>=6"],
     },
     entry_points={"console_scripts": ["diffchat-jax=diffchat_jax.main:run"]},

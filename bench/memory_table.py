@@ -23,9 +23,11 @@ ROWS = {
     "1b1 x8": ("bloom-1b1", 8, 1, ()),
     "1b1 x8 fsdp 8": ("bloom-1b1", 8, 8, ()),
     "3b": ("bloom-3b", 1, 1, ()),
+    "3b rollout_batch_size 32": ("bloom-3b", 1, 1, ("--config.ppo.rollout_batch_size=32",)),
     "3b x8 fsdp 8": ("bloom-3b", 8, 8, ()),
     "7b1": ("bloom-7b1", 1, 1, ()),
     "7b1 x8 fsdp 8": ("bloom-7b1", 8, 8, ()),
+    "7b1 x8 fsdp 8 rollout_batch_size 32": ("bloom-7b1", 8, 8, ("--config.ppo.rollout_batch_size=32",)),
 }
 
 

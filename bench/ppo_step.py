@@ -64,8 +64,8 @@ def parse_args():
     p.add_argument("--batch", type=int, default=32, help="without --shape: rollout batch (ppo.batch_size)")
     p.add_argument("--minibatch", type=int, default=16)
     p.add_argument("--new_tokens", type=int, default=48)
-    p.add_argument("--iterations", type=int, default=3, help="iterations timed after --warmup ones")
-    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--iterations", type=int, default=7, help="iterations timed after --warmup ones")
+    p.add_argument("--warmup", type=int, default=2)
     return p.parse_args()
 
 

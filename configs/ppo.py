@@ -105,9 +105,10 @@ def get_config(arg=None):
         c.ci.threshold = 0.0  # a dense reward for the tiny model, which rarely reaches 0.7
         c.sample_log_every = 5
         c.checkpoint_every = 10
-        # Tiny random SD 1.x and scorers (32x32 images): the whole loop, images included, on CPU.
+        # Tiny random SD 1.x and scorers (16x16 images): the whole loop, images included, on CPU.
         c.render.model = f"{TINY_MODELS}/sd"
         c.render.num_steps = 4
+        c.render.height = c.render.width = 16  # 8x8 latents: 5x faster on CPU than the pipeline's native 32x32
         c.render.batch_size = 32
         c.render.log_every = 5
         c.reward.aesthetic.clip_model = f"{TINY_MODELS}/scorers/clip"

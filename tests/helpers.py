@@ -1,10 +1,17 @@
-"""Shared test helpers: config overrides, killing a run after its first checkpoint, 8-device subprocesses."""
+"""Shared test helpers: config overrides, killing a run after its first checkpoint, 8-device subprocesses, folders
+made once per test run."""
 import os
+import pathlib
+import shutil
 import subprocess
 import sys
 import time
 
+import filelock
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# conftest's tiny_sft_run: 8 epochs of configs/sft.py:tiny (104 steps), checkpointed halfway.
+TINY_SFT_FLAGS = ("--config.train.epochs=8", "--config.checkpoint_every=52", "--config.eval_every=50")
 
 
 def override(config, **dotted):
@@ -39,3 +46,19 @@ def start_main(config_arg: str, workdir, *flags) -> subprocess.Popen:
     """Starts `python -m diffchat_jax.main --config=CONFIG_ARG --workdir=WORKDIR FLAGS...` (not waited for)."""
     cmd = [sys.executable, "-m", "diffchat_jax.main", f"--config={config_arg}", f"--workdir={workdir}", *flags]
     return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def once_per_run(tmp_path_factory, name: str, make) -> pathlib.Path:
+    """The folder `name`, filled by `make(folder)` once per test run: the first xdist worker to ask makes it under
+    a file lock, the others wait and reuse it (xdist's own --dist loadgroup ignores its marks under pytest 9)."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the workers' basetemps are siblings
+    folder = root / name
+    with filelock.FileLock(str(folder) + ".lock"):
+        if not (folder / ".complete").exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            make(folder)
+            (folder / ".complete").touch()
+    return folder

@@ -56,11 +56,10 @@ def test_unknown_hub_id_is_named():
 
 
 @pytest.fixture(scope="module")
-def tiny_ppo_config(tmp_path_factory):
+def tiny_ppo_config(tmp_path_factory, tiny_model_paths):
     """ppo.py:tiny on tiny random SD + scorers, its policy a config.json only: the report reads no weights."""
-    from diffchat_jax import tiny_models
     root = tmp_path_factory.mktemp("memory")
-    paths = tiny_models.build(str(root / "models"))
+    paths = tiny_model_paths
     policy = root / "policy"
     policy.mkdir()
     (policy / "config.json").write_text(json.dumps(
@@ -78,18 +77,16 @@ def test_ppo_report_has_every_step_and_grows_with_the_batch(tiny_ppo_config):
     assert all(s.peak_gib > 0 and s.temp_gib >= 0 for s in small.steps)
     assert {"policy", "frozen", "reference", "optimizer", "renderer", "aesthetic", "pickscore"} == set(small.resident)
     assert small.peak_gib == pytest.approx(small.resident_gib + max(s.transient_gib for s in small.steps))
+    # The same job on twice the batch, with the CI reward only (no renderer or scorers: fewer compilations).
     config = helpers.override(tiny_ppo_config.copy_and_resolve_references(), **{"ppo.batch_size": 64})
+    config.reward.components = {"ci": 1.0}
     large = memory.job_report(config, jax.devices()[:1])
     by_name = lambda report: {s.name: s for s in report.steps}
-    for name in ("rollout", "experience", "update"):
+    assert list(by_name(large)) == ["rollout", "experience", "update"]
+    for name in by_name(large):
         assert by_name(large)[name].peak_gib > by_name(small)[name].peak_gib, name
-    # Chunked: render.batch_size (32) prompts per call whatever the batch; the scorers' 64 images per call take 32
-    # of the small batch's 32 images, 64 of the large one's.
-    assert by_name(large)["render"].peak_gib == by_name(small)["render"].peak_gib
-    for name in ("aesthetic", "pickscore"):
-        assert by_name(large)[name].peak_gib > by_name(small)[name].peak_gib, name
-    assert large.peak_gib > small.peak_gib
-    assert large.resident == small.resident  # the models are the same
+    assert large.peak_gib > small.peak_gib - small.resident_gib + large.resident_gib
+    assert large.resident == {k: v for k, v in small.resident.items() if k in large.resident}  # same policy
     payload = large.to_json()
     assert set(payload) == {"steps", "resident_gib", "peak_gib"}
     assert set(payload["steps"]["update"]) == {"temp_gib", "args_gib", "out_gib", "peak_gib"}
@@ -118,14 +115,15 @@ def test_cli_json_and_fsdp_over_several_devices():
     one = run_cli("--config=configs/sft.py:tiny", "--json")
     assert one.returncode == 0, one.stderr
     one = json.loads(one.stdout.strip().splitlines()[-1])
-    four = run_cli("--config=configs/sft.py:tiny", "--devices=4", "--config.mesh.fsdp=4", "--json")
+    four = run_cli("--config=configs/sft.py:tiny", "--devices=4", "--config.mesh.fsdp=4")  # the table
     assert four.returncode == 0, four.stderr
-    four = json.loads(four.stdout.strip().splitlines()[-1])
+    lines = four.stdout.strip().splitlines()
+    assert lines[0] == "sft on 4 cpu device(s), mesh.fsdp 4" and lines[2].split()[0] == "train_step"
+    peak = float(lines[-1].removeprefix("peak per device: ").removesuffix(" GiB"))
+    params = float(next(l for l in lines if l.startswith("resident: ")).split("params ")[1].split(",")[0])
     # Params and optimizer state split 4 ways: a quarter per device (the 1-D ones stay whole, hence the margin).
-    assert four["resident_gib"]["params"] < 0.3 * one["resident_gib"]["params"]
-    assert four["peak_gib"] < one["peak_gib"]
-    table = run_cli("--config=configs/sft.py:tiny")
-    assert table.returncode == 0 and table.stdout.strip().splitlines()[-1].startswith("peak per device: ")
+    assert params < 0.3 * one["resident_gib"]["params"]
+    assert peak < one["peak_gib"]
     bad = run_cli("--config=configs/sft.py:tiny", "--devices=4", "--config.mesh.fsdp=3")
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1] == \
         "config error: config.mesh.fsdp (3) must be >= 1 and divide the 4 devices"

@@ -9,7 +9,6 @@ from PIL import Image
 
 from configs import ppo as ppo_config
 from tests import helpers
-from diffchat_jax import tiny_models as tiny_models_lib
 from diffchat_jax.rewards import base as reward_base, combine
 from diffchat_jax.rl import learner as learner_lib, trainer
 from diffchat_jax.text import keywords
@@ -28,17 +27,15 @@ def finish(proc, timeout=900):
 
 
 @pytest.fixture(scope="module")
-def sft_dir(tmp_path_factory):
-    """A tiny SFT model to start PPO from (fewer epochs than the demo: PPO only needs a sensible start)."""
-    workdir = tmp_path_factory.mktemp("sft")
-    finish(main_process("configs/sft.py:tiny", workdir, "--config.train.epochs=10"))
-    return str(workdir)
+def sft_dir(tiny_sft_run):
+    """The tiny SFT model to start PPO from (conftest's 8-epoch run: PPO only needs a sensible start)."""
+    return str(tiny_sft_run[0])
 
 
 @pytest.fixture(scope="module")
-def tiny_models(tmp_path_factory):
+def tiny_models(tiny_model_paths):
     """The tiny random SD pipeline and scorers of `python -m diffchat_jax.tiny_models`, as config overrides."""
-    paths = tiny_models_lib.build(str(tmp_path_factory.mktemp("tiny-models")))
+    paths = tiny_model_paths
     return {"render.model": paths["sd"], "reward.aesthetic.clip_model": paths["clip"],
             "reward.aesthetic.mlp_weights": paths["mlp_weights"], "reward.pickscore.model": paths["pickscore"]}
 
@@ -70,51 +67,64 @@ def test_tiny_ppo_learns_a_text_reward_with_bounded_kl(sft_dir, tmp_path):
     rows = [r for r in metrics_lib.read_metrics(tmp_path) if "reward" in r]
     first = np.mean([r["reward"] for r in rows[:3]])
     last = np.mean([r["reward"] for r in rows[-3:]])
-    assert last > first + 0.3, (first, last)  # measured: 0.37 -> 0.86
-    assert max(r["kl"] for r in rows) < 25.0  # nats per response (measured <= 13.4): beta keeps it near SFT
+    assert last > first + 0.3, (first, last)  # measured: 0.07 -> 0.54
+    assert max(r["kl"] for r in rows) < 25.0  # nats per response (measured <= 5.0): beta keeps it near SFT
     # The adaptive controller, in the loop: beta rises after an iteration whose KL was above target, else falls.
     for row, after in zip(rows, rows[1:]):
         assert np.sign(after["beta"] - row["beta"]) == np.sign(row["kl"] - config.kl.target), (row, after)
     assert any(r["negatives"] > 0 for r in rows)  # ADM pi- plans were used
 
 
-def test_tiny_ppo_cli_end_to_end(sft_dir, tiny_models, tmp_path):
-    """The demo command: images rendered by the tiny SD and scored (aesthetic, PickScore) with CI, ADM, VCI;
-    writes metrics, samples, image grids and PNGs, checkpoints and the export."""
-    out = finish(main_process("configs/ppo.py:tiny", tmp_path, f"--config.model.name_or_path={sft_dir}",
-                              "--config.ppo.epochs=1", *(f"--config.{k}={v}" for k, v in tiny_models.items())))
-    assert "sample responses:" in out and "transformers export" in out
-    rows = [r for r in metrics_lib.read_metrics(tmp_path) if "reward_ci" in r]
-    assert len(rows) == 7 and all(0.0 <= r["reward_ci"] <= 1.0 for r in rows)
-    assert all(np.isfinite(r["reward_aesthetic"]) and np.isfinite(r["reward_pickscore"]) for r in rows)
-    assert all(r["time_render_s"] > 0 for r in rows)
-    samples = [json.loads(line) for line in open(tmp_path / "samples.jsonl", encoding="utf-8")]
-    assert samples and all({"x", "i", "response", "ci", "aesthetic", "pickscore", "negative", "edits"} <= set(s)
-                           for s in samples)
-    # Image grids at iterations 1 and 5 (render.log_every 5): PNGs with their prompts, and TensorBoard images.
-    logged = sorted(p.name for p in (tmp_path / "images").iterdir())
-    assert logged == ["000001", "000005"], logged
-    pngs = sorted((tmp_path / "images" / "000005").glob("*.png"))
-    assert len(pngs) == 8
-    with Image.open(pngs[0]) as image:
-        assert image.size == (32, 32) and image.text["prompt"] and image.text["seed"] == "0"
-    events = list(tmp_path.glob("events.out.tfevents.*"))
-    assert events and any(b"samples" in e.read_bytes() for e in events)
-    assert (tmp_path / "export" / "value_head.safetensors").exists()
+@pytest.fixture(scope="module")
+def ppo_cli_run(sft_dir, tiny_models, tmp_path_factory):
+    """(workdir, console output, flags) of the demo command, `main --config=configs/ppo.py:tiny` on the tiny models
+    from the tiny SFT run (7 iterations, checkpointed at 3 and 6): images rendered by the tiny SD and scored
+    (aesthetic, PickScore) with CI, ADM and VCI."""
+    flags = [f"--config.model.name_or_path={sft_dir}", "--config.ppo.epochs=1", "--config.checkpoint_every=3",
+             *(f"--config.{k}={v}" for k, v in tiny_models.items())]
+
+    def make(workdir):
+        (workdir / "console.txt").write_text(finish(main_process("configs/ppo.py:tiny", workdir, *flags)))
+
+    workdir = helpers.once_per_run(tmp_path_factory, "ppo_cli", make)
+    return workdir, (workdir / "console.txt").read_text(), flags
 
 
 @pytest.mark.slow
-def test_kill_and_resume_matches_uninterrupted(sft_dir, tiny_models, tmp_path):
-    """With the image rewards on: rendering, too, must continue exactly where the killed run stopped."""
-    flags = [f"--config.model.name_or_path={sft_dir}", "--config.ppo.epochs=1", "--config.checkpoint_every=2",
-             *(f"--config.{k}={v}" for k, v in tiny_models.items())]
-    full = tmp_path / "full"
-    finish(main_process("configs/ppo.py:tiny", full, *flags))
+def test_tiny_ppo_cli_end_to_end(ppo_cli_run):
+    """The demo command writes metrics, samples, image grids and PNGs, checkpoints and the export."""
+    workdir, out, _ = ppo_cli_run
+    assert "sample responses:" in out and "transformers export" in out
+    rows = [r for r in metrics_lib.read_metrics(workdir) if "reward_ci" in r]
+    assert len(rows) == 7 and all(0.0 <= r["reward_ci"] <= 1.0 for r in rows)
+    assert all(np.isfinite(r["reward_aesthetic"]) and np.isfinite(r["reward_pickscore"]) for r in rows)
+    assert all(r["time_render_s"] > 0 for r in rows)
+    samples = [json.loads(line) for line in open(workdir / "samples.jsonl", encoding="utf-8")]
+    assert samples and all({"x", "i", "response", "ci", "aesthetic", "pickscore", "negative", "edits"} <= set(s)
+                           for s in samples)
+    # Image grids at iterations 1 and 5 (render.log_every 5): PNGs with their prompts, and TensorBoard images.
+    logged = sorted(p.name for p in (workdir / "images").iterdir())
+    assert logged == ["000001", "000005"], logged
+    pngs = sorted((workdir / "images" / "000005").glob("*.png"))
+    assert len(pngs) == 8
+    with Image.open(pngs[0]) as image:
+        assert image.size == (16, 16) and image.text["prompt"] and image.text["seed"] == "0"
+    events = list(workdir.glob("events.out.tfevents.*"))
+    assert events and any(b"samples" in e.read_bytes() for e in events)
+    assert (workdir / "export" / "value_head.safetensors").exists()
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["3", "6", "7"]
+
+
+@pytest.mark.slow
+def test_kill_and_resume_matches_uninterrupted(ppo_cli_run, tmp_path):
+    """With the image rewards on: rendering, too, must continue exactly where the killed run stopped (killed after
+    the checkpoint at iteration 3, resumed for 4-7)."""
+    full, _, flags = ppo_cli_run
     killed = tmp_path / "killed"
     proc = main_process("configs/ppo.py:tiny", killed, *flags)
     helpers.kill_after_first_checkpoint(proc, killed / "checkpoints")
     out = finish(main_process("configs/ppo.py:tiny", killed, *flags))
-    assert "resumed from checkpoint at iteration" in out, out
+    assert "resumed from checkpoint at iteration 3" in out, out
     a = safetensors.numpy.load_file(str(full / "export" / "model.safetensors"))
     b = safetensors.numpy.load_file(str(killed / "export" / "model.safetensors"))
     for name in a:

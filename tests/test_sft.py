@@ -99,27 +99,23 @@ def test_cli_reports_bad_config_in_one_line(tmp_path):
 
 # ----- end to end ------------------------------------------------------------------------------------------------
 @pytest.mark.slow
-def test_tiny_run_learns_then_kill_and_resume_matches_uninterrupted(tmp_path):
-    """One uninterrupted CLI run (its eval loss must drop clearly) and one SIGKILLed after its first checkpoint
-    and restarted: the resumed run must end with the same parameters."""
-    flags = ["--config.train.epochs=8", "--config.checkpoint_every=4", "--config.eval_every=50"]
-    full = tmp_path / "full"
-    proc = run_main(full, *flags)
-    out, _ = proc.communicate(timeout=600)
-    assert proc.returncode == 0, out
+def test_tiny_run_learns_then_kill_and_resume_matches_uninterrupted(tiny_sft_run, tmp_path):
+    """The uninterrupted CLI run (conftest's tiny_sft_run: its eval loss must drop clearly) and one SIGKILLed after
+    its first checkpoint and restarted: the resumed run must end with the same parameters."""
+    full, out = tiny_sft_run
     assert "checkpoints:" in out and "transformers export:" in out
     evals = [row["eval_loss"] for row in metrics_lib.read_metrics(full) if "eval_loss" in row]
     # Starts near ln(1024) = 6.93 nats (uniform over the vocabulary); 8 epochs take it below 5.4 (measured 4.76).
     assert evals[-1] < evals[0] - 1.5, evals
 
     killed = tmp_path / "killed"
-    proc = run_main(killed, *flags)
+    proc = run_main(killed, *helpers.TINY_SFT_FLAGS)
     helpers.kill_after_first_checkpoint(proc, killed / "checkpoints")
     assert not (killed / "export").exists()
-    proc = run_main(killed, *flags)
+    proc = run_main(killed, *helpers.TINY_SFT_FLAGS)
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out
-    assert "resumed from checkpoint at step" in out, out
+    assert "resumed from checkpoint at step 52" in out, out
     full_params, resumed_params = exported_params(full), exported_params(killed)
     assert full_params.keys() == resumed_params.keys()
     for name in full_params:

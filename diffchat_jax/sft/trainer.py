@@ -256,10 +256,9 @@ def train_and_evaluate(config, workdir: str, mesh=None) -> dict[str, float]:
     writer = metrics_lib.MetricWriter(workdir) if is_main else None
     eval_batch = t.batch_size // t.grad_accum
     evals = {"first": float("nan"), "last": float("nan")}
-    current = {"state": state}  # the state the periodic eval sees (the loop owns the state)
 
-    def run_eval(done: int) -> None:
-        loss = (evaluate(steps.eval, current["state"].params, eval_data, eval_batch, mesh)
+    def run_eval(done: int, state) -> None:
+        loss = (evaluate(steps.eval, state.params, eval_data, eval_batch, mesh)
                 if len(eval_data.input_ids) else float("nan"))
         evals["first" if done == 0 else "last"] = loss
         if writer:
@@ -277,7 +276,6 @@ def train_and_evaluate(config, workdir: str, mesh=None) -> dict[str, float]:
         batch = next(batches["iterator"])
         batch = {k: batch[k] for k in BATCH_KEYS}
         state, metrics = steps.train(state, mesh_lib.shard_batch(batch, mesh))
-        current["state"] = state
         window["tokens"] += float(batch["attention_mask"].sum())
         if not log:
             return state, host, None
@@ -292,7 +290,6 @@ def train_and_evaluate(config, workdir: str, mesh=None) -> dict[str, float]:
                      checkpoint_every=config.checkpoint_every, keep_checkpoints=config.keep_checkpoints,
                      periodic=(loop.Periodic(config.eval_every, run_eval, at_start=True),))
     state, _ = loop.run(spec, state, {}, train_step, writer)
-    current["state"] = state
 
     # ----- export -----
     if is_main:

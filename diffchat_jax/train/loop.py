@@ -22,10 +22,10 @@ from diffchat_jax.utils.validate import ConfigError
 
 @dataclasses.dataclass(frozen=True)
 class Periodic:
-    """fn(done) after every `every` completed steps and after the last step (done = completed steps);
+    """fn(done, state) after every `every` completed steps and after the last step (done = completed steps);
     at_start: also before the first step of a fresh run (done = 0)."""
     every: int
-    fn: Callable[[int], None]
+    fn: Callable[[int, object], None]
     at_start: bool = False
 
 
@@ -52,7 +52,7 @@ def run(spec: Loop, state, host: dict, step_fn, writer=None):
     else:
         for action in spec.periodic:
             if action.at_start:
-                action.fn(0)
+                action.fn(0, state)
     due = lambda every, done: done % every == 0 or done == spec.total_steps
     with tqdm.tqdm(total=spec.total_steps, initial=start, desc=spec.desc, disable=not is_main) as bar:
         for i in range(start, spec.total_steps):
@@ -64,7 +64,7 @@ def run(spec: Loop, state, host: dict, step_fn, writer=None):
                 writer.write(done, metrics)
             for action in spec.periodic:
                 if due(action.every, done):
-                    action.fn(done)
+                    action.fn(done, state)
             if due(spec.checkpoint_every, done):
                 checkpoint.save(ckpt, done, state, host)
     ckpt.wait_until_finished()
