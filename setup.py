@@ -32,8 +32,11 @@ setuptools.setup(
         "pillow>=10",  # PNG files of rendered images (prompt in the metadata)
     ],
     extras_require={
-        # PyTorch is only needed for the reference models in tests and benchmarks. The pin matters: an unpinned
-        # torch resolves to a multi-GB CUDA build on machines that have the CPU wheel locally.
+        # PyTorch reads .pth/.ckpt checkpoints (the LAION aesthetic MLP, HPS, old single-file SD models), builds the
+        # tiny models (`python -m diffchat_jax.tiny_models`) and runs the reference models of tests and benchmarks;
+        # without it those say `pip install 'diffchat_jax[torch]'` (diffchat_jax/utils/torch_dep.py, which repeats
+        # the pin). The pin matters: an unpinned torch resolves to a multi-GB CUDA build on machines that have the
+        # CPU wheel locally.
         "torch": ["torch==2.13.0"],
         "test": ["torch==2.13.0", "pytest>=8", "pytest-xdist>=3.5", "filelock>=3.12", "chex>=0.1.90", "nbmake>=1.5",
                  "ipykernel>=6"],

@@ -25,7 +25,7 @@ import tempfile
 import jax
 import numpy as np
 
-from configs import ppo as ppo_config
+from diffchat_jax.configs import ppo as ppo_config
 from diffchat_jax import memory
 from diffchat_jax.data import SAMPLE_PATH, examples as examples_lib, tokenizer as tokenizer_lib
 from diffchat_jax.models import bloom, known

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from flax.training import train_state
 
-from configs import sft as sft_config
+from diffchat_jax.configs import sft as sft_config
 from diffchat_jax.models import bloom
 from diffchat_jax.sft import trainer
 from diffchat_jax.utils import mesh as mesh_lib, optim

@@ -18,6 +18,7 @@ import traceback
 class UserError(Exception):
     """Input the user can fix; the message names the file, row or field and, where it helps, what to do."""
     exit_code = 2
+    label = "error"  # the printed line's first word
 
 
 class ConfigError(UserError, ValueError):
@@ -68,7 +69,7 @@ def report(error: BaseException) -> int:
     """Prints `error: ...` (and the traceback when asked for) to stderr; returns the exit code."""
     if wants_traceback():
         traceback.print_exception(error)
-    print(f"error: {describe(error)}", file=sys.stderr)
+    print(f"{getattr(error, 'label', 'error')}: {describe(error)}", file=sys.stderr)
     return getattr(error, "exit_code", 2)
 
 
@@ -80,3 +81,8 @@ def run_command(fn, *args, **kwargs):
         sys.exit(report(e))
     except _library_errors() as e:
         sys.exit(report(e))
+    except KeyboardInterrupt as e:  # Ctrl-C outside a training loop (which saves a checkpoint and stops itself)
+        if wants_traceback():
+            traceback.print_exception(e)
+        print("stopped: interrupted (Ctrl-C)", file=sys.stderr)
+        sys.exit(130)

@@ -1,26 +1,34 @@
 """Entry point: `python -m diffchat_jax.main --config=configs/sft.py[:tiny] [--config.a.b=v] [--workdir=DIR]`.
 
-Dispatches on `config.mode`. Rerunning the same command with the same workdir resumes from the newest checkpoint.
+Dispatches on `config.mode`. Rerunning the same command with the same workdir resumes from the newest checkpoint
+(a changed config is refused unless --allow_config_change). `--config=configs/<name>.py` finds the packaged configs
+from any folder; `--print_config` prints every field with its comment and exits. Bad input ends in one line,
+`error: ...`, and exit code 2 (DIFFCHAT_TRACEBACK=1 or --verbosity=1 adds the traceback); Ctrl-C saves a checkpoint
+after the current step and exits (a second Ctrl-C exits at once).
 """
 import importlib
 import os
 import sys
 
-import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from diffchat_jax.rewards.combine import NonFiniteReward
-from diffchat_jax.utils.validate import ConfigError
+from diffchat_jax import cli, errors
 
 # config.mode -> the module whose train_and_evaluate(config, workdir) runs it (imported on demand).
 TRAINERS = {"sft": "diffchat_jax.sft.trainer", "ppo": "diffchat_jax.rl.trainer"}
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Config file, optionally with a variant: configs/sft.py:tiny", lock_config=True)
+    "config", None, "Config file, optionally with a variant: configs/sft.py:tiny (configs/ finds the packaged "
+    "ones from any folder). Override fields with --config.a.b=value; --print_config lists them all.",
+    lock_config=True)
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Where checkpoints, metrics and exports go. Default: workdirs/<config>[-<variant>].")
-flags.mark_flags_as_required(["config"])
+_PRINT_CONFIG = flags.DEFINE_bool("print_config", False, "Print every field of the resolved config with its comment, "
+                                  "then exit.")
+_ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
+    "allow_config_change", False, "Resume a workdir whose saved config.json differs from this config in fields "
+    "that alter the run (e.g. more epochs to extend a run); the new config is saved.")
 
 
 def default_workdir(config_arg: str) -> str:
@@ -29,31 +37,40 @@ def default_workdir(config_arg: str) -> str:
     return os.path.join("workdirs", f"{name}-{variant}" if variant else name)
 
 
+def run_job(config, workdir: str, allow_config_change: bool = False):
+    if config.mode not in TRAINERS:
+        raise errors.ConfigError(f"config.mode {config.mode!r} is not one of {sorted(TRAINERS)}")
+    if config.distributed:
+        import jax
+        jax.distributed.initialize()
+    trainer = importlib.import_module(TRAINERS[config.mode])
+    return trainer.train_and_evaluate(config, workdir, allow_config_change=allow_config_change)
+
+
 def main(argv):
-    del argv
+    if len(argv) > 1:
+        raise errors.ConfigError(f"unexpected arguments {argv[1:]}; flags take the form --name=value")
     if not flags.FLAGS["verbosity"].present:  # orbax logs every save at INFO; keep the console readable
         logging.set_verbosity(logging.WARNING)
     config = _CONFIG.value
-    workdir = _WORKDIR.value or default_workdir(config_flags.get_config_filename(flags.FLAGS["config"]))
-    if config.distributed:
-        jax.distributed.initialize()
-    if config.mode not in TRAINERS:
-        print(f"config error: config.mode {config.mode!r} is not one of {sorted(TRAINERS)}", file=sys.stderr)
-        sys.exit(2)
-    trainer = importlib.import_module(TRAINERS[config.mode])
-    try:
-        trainer.train_and_evaluate(config, workdir)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except NonFiniteReward as e:
-        print(f"reward error: {e}", file=sys.stderr)
-        sys.exit(3)
+    config_file = config_flags.get_config_filename(flags.FLAGS["config"])
+    if _PRINT_CONFIG.value:
+        cli.print_config(config, config_file.partition(":")[0])
+        return
+    workdir = _WORKDIR.value or default_workdir(config_file)
+    run_job(config, workdir, _ALLOW_CONFIG_CHANGE.value)
 
 
-def run():
+def run(argv=None):
     """Console-script entry (`diffchat-jax --config=...`)."""
-    app.run(main)
+    argv = errors.run_command(cli.prepare_argv, sys.argv if argv is None else argv)
+    if any(a in ("--help", "-h", "--helpshort") for a in argv[1:]):
+        print(__doc__)
+        flags.FLAGS(argv[:1])
+        print(flags.FLAGS.main_module_help())
+        sys.exit(0)
+    flags.mark_flags_as_required(["config"])
+    app.run(lambda args: errors.run_command(main, args), argv=argv)
 
 
 if __name__ == "__main__":

@@ -44,8 +44,9 @@ import jax  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from diffchat_jax import cli, errors  # noqa: E402
 from diffchat_jax.utils import aot, mesh as mesh_lib  # noqa: E402
-from diffchat_jax.utils.validate import ConfigError, require  # noqa: E402
+from diffchat_jax.utils.validate import require  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file with an optional variant: configs/ppo.py:tiny",
                                           lock_config=True)
@@ -92,15 +93,11 @@ def main(argv):
     config = _CONFIG.value
     devices = jax.devices()
     if _DEVICES.value is not None:
-        if _DEVICES.value > len(devices):
-            print(f"error: --devices={_DEVICES.value} but only {len(devices)} devices exist", file=sys.stderr)
-            sys.exit(2)
+        if not 1 <= _DEVICES.value <= len(devices):
+            raise errors.ConfigError(f"--devices={_DEVICES.value}: this machine has {len(devices)} device(s) "
+                                     f"(more CPU devices: XLA_FLAGS=--xla_force_host_platform_device_count=N)")
         devices = devices[:_DEVICES.value]
-    try:
-        report = job_report(config, devices)
-    except (ConfigError, FileNotFoundError, ValueError) as e:
-        print(f"config error: {e}", file=sys.stderr)
-        sys.exit(2)
+    report = job_report(config, devices)
     if _JSON.value:
         print(json.dumps(report.to_json()))
     else:
@@ -108,6 +105,11 @@ def main(argv):
         print("\n".join(report.lines()))
 
 
-if __name__ == "__main__":
+def run():
+    argv = errors.run_command(cli.prepare_argv, sys.argv)
     flags.mark_flags_as_required(["config"])
-    app.run(main)
+    app.run(lambda args: errors.run_command(main, args), argv=argv)
+
+
+if __name__ == "__main__":
+    run()

@@ -8,11 +8,15 @@ OUT/scorers  CLIP + LAION aesthetic MLP, PickScore and HPS stand-ins (diffchat_j
 import os
 import sys
 
+from diffchat_jax import errors
+from diffchat_jax.utils import torch_dep
+
 DEFAULT_OUT = "workdirs/tiny-models"
 
 
 def build(out_dir: str = DEFAULT_OUT) -> dict[str, str]:
     """Writes every tiny model under out_dir; returns {"sd": folder, "clip": ..., "pickscore": ..., ...}."""
+    torch_dep.require_torch("building the tiny models (python -m diffchat_jax.tiny_models)")
     from diffchat_jax.diffusion import tiny
     from diffchat_jax.rewards import image
     paths = {"sd": tiny.build_pipeline(os.path.join(out_dir, "sd"), "tiny")}
@@ -28,4 +32,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv)
+    errors.run_command(main, sys.argv)

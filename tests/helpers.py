@@ -1,13 +1,18 @@
 """Shared test helpers: config overrides, killing a run after its first checkpoint, 8-device subprocesses, folders
 made once per test run."""
+import json
 import os
 import pathlib
+import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
 
 import filelock
+import numpy as np
+from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # conftest's tiny_sft_run: 8 epochs of configs/sft.py:tiny (104 steps), checkpointed halfway.
@@ -62,3 +67,55 @@ def once_per_run(tmp_path_factory, name: str, make) -> pathlib.Path:
             make(folder)
             (folder / ".complete").touch()
     return folder
+
+
+TIMING = re.compile(r"^time_|tokens_per_s$")  # metrics that measure the machine, not the run
+
+
+def interrupt_once_running(proc: subprocess.Popen, workdir, after_step: int, delay_s: float,
+                           timeout: float = 600) -> str:
+    """Waits until `workdir/metrics.jsonl` has a row after `after_step`, then `delay_s` more, then sends SIGINT
+    (Ctrl-C); returns the run's console output, asserting it stopped with its checkpoint message (exit 130)."""
+    deadline = time.time() + timeout
+    metrics = pathlib.Path(workdir) / "metrics.jsonl"
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and any(json.loads(l)["step"] > after_step for l in metrics.read_text().splitlines()
+                                    if l.strip()):
+            break
+        time.sleep(0.05)
+    time.sleep(delay_s)
+    assert proc.poll() is None, f"the run finished before the Ctrl-C (delay {delay_s:.2f} s)"
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 130, out
+    assert out.strip().splitlines()[-1].startswith("stopped: interrupted at "), out
+    return out
+
+
+def assert_same_outputs(expected, actual) -> None:
+    """A resumed run's workdir against an uninterrupted run's: the same checkpoints, metrics.jsonl rows (timings
+    aside), samples.jsonl rows and rendered PNGs."""
+    expected, actual = pathlib.Path(expected), pathlib.Path(actual)
+    listing = lambda folder: sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+    assert listing(actual / "checkpoints") == listing(expected / "checkpoints")
+    for name in ("metrics.jsonl", "samples.jsonl"):
+        rows = [[json.loads(l) for l in (root / name).read_text().splitlines() if l.strip()]
+                if (root / name).exists() else None for root in (expected, actual)]
+        assert (rows[0] is None) == (rows[1] is None), name
+        if rows[0] is None:
+            continue
+        assert len(rows[1]) == len(rows[0]), (name, len(rows[0]), len(rows[1]))
+        for a, b in zip(rows[0], rows[1]):
+            assert a.keys() == b.keys(), (name, a, b)
+            for key in a:
+                if isinstance(a[key], float) and not TIMING.search(key):
+                    np.testing.assert_allclose(b[key], a[key], rtol=1e-4, atol=1e-6, err_msg=f"{name} {key} {a}")
+                elif not TIMING.search(key):
+                    assert b[key] == a[key], (name, key, a, b)
+    assert listing(actual / "images") == listing(expected / "images")
+    for folder in listing(expected / "images"):
+        pngs = listing(expected / "images" / folder)
+        assert listing(actual / "images" / folder) == pngs
+        for png in pngs:
+            a, b = (np.asarray(Image.open(root / "images" / folder / png)) for root in (expected, actual))
+            assert np.abs(a.astype(int) - b.astype(int)).max() <= 1, (folder, png)

@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from configs import ppo as ppo_config, sft as sft_config
+from diffchat_jax.configs import ppo as ppo_config, sft as sft_config
 from diffchat_jax import memory
 from diffchat_jax.diffusion import pipeline as sd_pipeline
 from diffchat_jax.models import bloom, clip, known
@@ -65,10 +65,8 @@ def tiny_ppo_config(tmp_path_factory, tiny_model_paths):
     (policy / "config.json").write_text(json.dumps(
         bloom.BloomConfig(vocab_size=1024, hidden_size=64, n_layer=2, n_head=4).to_hf()))
     config = ppo_config.get_config("tiny")
-    return helpers.override(config, **{"model.name_or_path": str(policy), "render.model": paths["sd"],
-                                       "reward.aesthetic.clip_model": paths["clip"],
-                                       "reward.aesthetic.mlp_weights": paths["mlp_weights"],
-                                       "reward.pickscore.model": paths["pickscore"]})
+    return helpers.override(config, **{"model.name_or_path": str(policy),
+                                       "tiny_models": os.path.dirname(paths["sd"])})
 
 
 def test_ppo_report_has_every_step_and_grows_with_the_batch(tiny_ppo_config):
@@ -126,7 +124,7 @@ def test_cli_json_and_fsdp_over_several_devices():
     assert peak < one["peak_gib"]
     bad = run_cli("--config=configs/sft.py:tiny", "--devices=4", "--config.mesh.fsdp=3")
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1] == \
-        "config error: config.mesh.fsdp (3) must be >= 1 and divide the 4 devices"
+        "error: config.mesh.fsdp (3) must be >= 1 and divide the 4 devices"
 
 
 def test_trainer_stops_when_the_estimate_exceeds_the_limit(tmp_path):
@@ -134,7 +132,7 @@ def test_trainer_stops_when_the_estimate_exceeds_the_limit(tmp_path):
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 2, out
     last = out.strip().splitlines()[-1]
-    assert last.startswith("config error: config.memory_limit_gib: the job needs about "), last
+    assert last.startswith("error: config.memory_limit_gib: the job needs about "), last
     assert "largest step, train_step" in last and "the limit is 0.0001 GiB" in last
     assert not (tmp_path / "checkpoints").exists() or not any((tmp_path / "checkpoints").iterdir())
 

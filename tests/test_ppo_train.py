@@ -1,5 +1,6 @@
 """PPO end to end on the tiny config: it learns, resumes exactly after a kill, and handles non-finite rewards."""
 import json
+import os
 
 import jax
 import numpy as np
@@ -7,7 +8,7 @@ import pytest
 import safetensors.numpy
 from PIL import Image
 
-from configs import ppo as ppo_config
+from diffchat_jax.configs import ppo as ppo_config
 from tests import helpers
 from diffchat_jax.rewards import base as reward_base, combine
 from diffchat_jax.rl import learner as learner_lib, trainer
@@ -34,10 +35,9 @@ def sft_dir(tiny_sft_run):
 
 @pytest.fixture(scope="module")
 def tiny_models(tiny_model_paths):
-    """The tiny random SD pipeline and scorers of `python -m diffchat_jax.tiny_models`, as config overrides."""
-    paths = tiny_model_paths
-    return {"render.model": paths["sd"], "reward.aesthetic.clip_model": paths["clip"],
-            "reward.aesthetic.mlp_weights": paths["mlp_weights"], "reward.pickscore.model": paths["pickscore"]}
+    """The tiny random SD pipeline and scorers of `python -m diffchat_jax.tiny_models`, as the one config override
+    ppo.py:tiny needs (`tiny_models`: the folder; the five model paths follow it)."""
+    return {"tiny_models": os.path.dirname(tiny_model_paths["sd"])}
 
 
 def tiny_config(sft_dir, **overrides):
@@ -116,19 +116,25 @@ def test_tiny_ppo_cli_end_to_end(ppo_cli_run):
 
 
 @pytest.mark.slow
-def test_kill_and_resume_matches_uninterrupted(ppo_cli_run, tmp_path):
-    """With the image rewards on: rendering, too, must continue exactly where the killed run stopped (killed after
-    the checkpoint at iteration 3, resumed for 4-7)."""
+def test_kill_interrupt_and_resume_match_uninterrupted(ppo_cli_run, tmp_path):
+    """With the image rewards on, rendering too must continue exactly where the stopped run left off: SIGKILLed
+    after the checkpoint at iteration 3, resumed, stopped by Ctrl-C at a random point, resumed again. The same
+    export and the same files as the uninterrupted run (checkpoints, metrics.jsonl, samples.jsonl, PNGs)."""
     full, _, flags = ppo_cli_run
     killed = tmp_path / "killed"
     proc = main_process("configs/ppo.py:tiny", killed, *flags)
     helpers.kill_after_first_checkpoint(proc, killed / "checkpoints")
-    out = finish(main_process("configs/ppo.py:tiny", killed, *flags))
+    delay = float(np.random.default_rng().uniform(0.0, 1.0))
+    out = helpers.interrupt_once_running(main_process("configs/ppo.py:tiny", killed, *flags), killed, 3, delay)
     assert "resumed from checkpoint at iteration 3" in out, out
+    stopped = int(out.strip().splitlines()[-1].split("interrupted at iteration ")[1].split()[0])
+    out = finish(main_process("configs/ppo.py:tiny", killed, *flags))
+    assert f"resumed from checkpoint at iteration {stopped}" in out, out
     a = safetensors.numpy.load_file(str(full / "export" / "model.safetensors"))
     b = safetensors.numpy.load_file(str(killed / "export" / "model.safetensors"))
     for name in a:
         np.testing.assert_allclose(b[name], a[name], rtol=1e-5, atol=1e-6, err_msg=name)
+    helpers.assert_same_outputs(full, killed)
 
 
 def test_rollout_in_chunks_keeps_every_row(sft_dir):

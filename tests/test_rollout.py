@@ -14,7 +14,7 @@ import torch
 from numpy.testing import assert_array_equal
 from transformers.generation import logits_process as hf
 
-from configs import base
+from diffchat_jax.configs import base
 from diffchat_jax.models import bloom
 from diffchat_jax.sampling import rollout
 from diffchat_jax.utils.validate import ConfigError

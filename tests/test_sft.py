@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
-from configs import sft as sft_config
+from diffchat_jax.configs import sft as sft_config
 from tests import helpers
 from diffchat_jax.sft import trainer
 from diffchat_jax.utils import batching, metrics as metrics_lib, optim
@@ -94,14 +94,15 @@ def test_cli_reports_bad_config_in_one_line(tmp_path):
     proc = run_main(tmp_path / "w", "--config.train.lr=-0.5")
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 2, out
-    assert out.strip().splitlines()[-1] == "config error: config.train.lr must be > 0, got -0.5"
+    assert out.strip().splitlines()[-1] == "error: config.train.lr must be > 0, got -0.5"
 
 
 # ----- end to end ------------------------------------------------------------------------------------------------
 @pytest.mark.slow
-def test_tiny_run_learns_then_kill_and_resume_matches_uninterrupted(tiny_sft_run, tmp_path):
-    """The uninterrupted CLI run (conftest's tiny_sft_run: its eval loss must drop clearly) and one SIGKILLed after
-    its first checkpoint and restarted: the resumed run must end with the same parameters."""
+def test_tiny_run_learns_then_kill_interrupt_and_resume_match_uninterrupted(tiny_sft_run, tmp_path):
+    """The uninterrupted CLI run (conftest's tiny_sft_run: its eval loss must drop clearly), and one SIGKILLed after
+    its first checkpoint, resumed, stopped by Ctrl-C at a random point and resumed again: it must end with the same
+    parameters and leave the same files (checkpoints, metrics.jsonl)."""
     full, out = tiny_sft_run
     assert "checkpoints:" in out and "transformers export:" in out
     evals = [row["eval_loss"] for row in metrics_lib.read_metrics(full) if "eval_loss" in row]
@@ -112,20 +113,26 @@ def test_tiny_run_learns_then_kill_and_resume_matches_uninterrupted(tiny_sft_run
     proc = run_main(killed, *helpers.TINY_SFT_FLAGS)
     helpers.kill_after_first_checkpoint(proc, killed / "checkpoints")
     assert not (killed / "export").exists()
+    delay = float(np.random.default_rng().uniform(0.0, 3.0))
+    out = helpers.interrupt_once_running(run_main(killed, *helpers.TINY_SFT_FLAGS), killed, 60, delay)
+    assert "resumed from checkpoint at step 52" in out, out
+    stopped = int(out.strip().splitlines()[-1].split("interrupted at step ")[1].split()[0])
+    assert 60 < stopped < 104 and (killed / "checkpoints" / str(stopped)).is_dir(), (stopped, delay)
     proc = run_main(killed, *helpers.TINY_SFT_FLAGS)
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out
-    assert "resumed from checkpoint at step 52" in out, out
+    assert f"resumed from checkpoint at step {stopped}" in out, out
     full_params, resumed_params = exported_params(full), exported_params(killed)
     assert full_params.keys() == resumed_params.keys()
     for name in full_params:
         np.testing.assert_allclose(resumed_params[name], full_params[name], rtol=1e-6, atol=1e-7, err_msg=name)
+    helpers.assert_same_outputs(full, killed)
 
 
 MULTI_DEVICE_SCRIPT = textwrap.dedent("""
     import jax, numpy as np
     from flax.training import train_state
-    from configs import sft as sft_config
+    from diffchat_jax.configs import sft as sft_config
     from diffchat_jax.models import bloom
     from diffchat_jax.sft import trainer
     from diffchat_jax.utils import mesh as mesh_lib, optim

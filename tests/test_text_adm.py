@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from tokenizers import pre_tokenizers
 
-from configs import base
+from diffchat_jax.configs import base
 from diffchat_jax.data import SAMPLE_PATH
 from diffchat_jax.data.examples import load_examples
 from diffchat_jax.data.tokenizer import sample_corpus, train_bpe_tokenizer

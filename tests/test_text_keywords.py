@@ -2,7 +2,7 @@
 import nltk
 import pytest
 
-from configs import base
+from diffchat_jax.configs import base
 from diffchat_jax.text import keywords as kw
 
 if not kw.wordnet_available():

@@ -16,6 +16,7 @@ import dataclasses
 
 import numpy as np
 
+from diffchat_jax import errors
 from diffchat_jax.data.examples import Example
 
 TEMPLATE = ("Instruction: Give a description of the image and a modification to generate a drawing prompt.\n"
@@ -105,11 +106,12 @@ def tokenize_examples(examples: list[Example], tokenizer, max_length: int, *,
 
     If prompt + response is longer than max_length, x is shortened (token-wise, from its end, re-rendering the
     template) until it fits, so that y stays whole; such examples count as truncated. An example that does not fit
-    even with x empty is over-long: skipped and counted (on_overlong="skip") or a ValueError (on_overlong="error").
+    even with x empty is over-long: skipped and counted (on_overlong="skip") or an errors.DataError
+    (on_overlong="error").
     The pad id is tokenizer.pad_token_id, or EOS where the tokenizer has none.
     """
     if on_overlong not in ("skip", "error"):
-        raise ValueError(f"on_overlong must be 'skip' or 'error', got {on_overlong!r}")
+        raise errors.ConfigError(f"on_overlong (data.on_bad_row) must be 'skip' or 'error', got {on_overlong!r}")
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ValueError("the tokenizer has no EOS token")
@@ -124,8 +126,9 @@ def tokenize_examples(examples: list[Example], tokenizer, max_length: int, *,
             prompt = fit_prompt(tokenizer, examples[index], max_length - len(response))
             if prompt is None:
                 if on_overlong == "error":
-                    raise ValueError(f"example {index}: the response alone ({len(response)} tokens) and the prompt "
-                                     f"with x empty do not fit in max_length={max_length}")
+                    raise errors.DataError(
+                        f"example {index}: the response alone ({len(response)} tokens) and the prompt with x empty "
+                        f"do not fit in max_length={max_length}; raise data.max_length, or set data.on_bad_row=skip")
                 overlong.append(index)
                 continue
             truncated.append(index)

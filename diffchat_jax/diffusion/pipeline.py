@@ -10,7 +10,6 @@
     are SD 1.5's (`ldm.SD15_*`; the tokenizer is then openai/clip-vit-large-patch14's, from the hub).
 """
 import dataclasses
-import json
 import os
 from typing import Any
 
@@ -52,39 +51,65 @@ class StableDiffusion:
         return self.unet.config.sample_size
 
 
-def _read_json(path: str) -> dict:
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} is missing")
-    with open(path) as f:
-        return json.load(f)
+# What a model path may be, for the errors that say what was expected instead.
+_PIPELINE_FOLDER = ("a diffusers SD 1.x pipeline folder or hub id (model_index.json with unet/, vae/, text_encoder/, "
+                    "tokenizer/ and scheduler/)")
+_MODEL = f"{_PIPELINE_FOLDER}, or a single-file checkpoint ({', '.join(SINGLE_FILE_SUFFIXES)})"
+
+
+def _pipeline_folder(path_or_id: str, expected: str) -> str:
+    """The local folder of a diffusers pipeline (a hub id is downloaded), checked to be one; `expected` says what
+    the path may be instead."""
+    if os.path.isfile(path_or_id):
+        raise hf_io.BadModelFile(f"not a Stable Diffusion checkpoint file; pass {expected}", where=path_or_id)
+    folder = hf_io.resolve_folder(path_or_id, _PIPELINE_FILES)
+    _check_pipeline_folder(folder, path_or_id, expected)
+    return folder
+
+
+def _check_pipeline_folder(folder: str, name: str, expected: str) -> None:
+    if not os.path.isfile(os.path.join(folder, "model_index.json")):
+        raise hf_io.BadModelFile(f"not a diffusers pipeline folder (no model_index.json); pass {expected}",
+                                 where=name)
 
 
 def _folder_parts(folder: str) -> dict:
     """Configs, tokenizer and scheduler config of a diffusers pipeline folder."""
-    if not os.path.exists(os.path.join(folder, "model_index.json")):
-        raise FileNotFoundError(f"{folder} is not a diffusers pipeline folder (no model_index.json)")
+    tokenizer = os.path.join(folder, "tokenizer")
+    if not os.path.isdir(tokenizer):
+        raise hf_io.MissingModelFile(f"{tokenizer} is missing; a diffusers pipeline folder has its tokenizer there")
     return {
-        "unet": _read_json(os.path.join(folder, "unet", "config.json")),
-        "vae": _read_json(os.path.join(folder, "vae", "config.json")),
-        "text_encoder": _read_json(os.path.join(folder, "text_encoder", "config.json")),
-        "scheduler": _read_json(os.path.join(folder, "scheduler", "scheduler_config.json")),
-        "tokenizer": transformers.AutoTokenizer.from_pretrained(os.path.join(folder, "tokenizer")),
+        "unet": hf_io.read_json(os.path.join(folder, "unet", "config.json")),
+        "vae": hf_io.read_json(os.path.join(folder, "vae", "config.json")),
+        "text_encoder": clip.read_config_json(os.path.join(folder, "text_encoder", "config.json")),
+        "scheduler": hf_io.read_json(os.path.join(folder, "scheduler", "scheduler_config.json")),
+        "tokenizer": transformers.AutoTokenizer.from_pretrained(tokenizer),
     }
 
 
-def _sd15_parts() -> dict:
+def _sd15_parts(checkpoint: str) -> dict:
+    """SD 1.5's configs (built in) and tokenizer (from the hub cache), for a single file without config_from."""
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(SD15_TOKENIZER)
+    except OSError as e:  # what transformers raises when the files are neither cached nor downloadable
+        raise hf_io.MissingModelFile(
+            f"{checkpoint}: a single-file checkpoint needs the pipeline configs and tokenizer of SD 1.5; the configs "
+            f"are built in, but the tokenizer ({SD15_TOKENIZER}) is not in the local hub cache while "
+            f"{hf_io.hub_unavailable()}; pass config_from=<a local diffusers SD 1.x pipeline folder> "
+            "(config.render.config_from; txt2img --config_from)") from e
     return {"unet": ldm.SD15_UNET_CONFIG, "vae": ldm.SD15_VAE_CONFIG, "text_encoder": ldm.SD15_TEXT_CONFIG,
-            "scheduler": ldm.SD15_SCHEDULER, "tokenizer": transformers.AutoTokenizer.from_pretrained(SD15_TOKENIZER)}
+            "scheduler": ldm.SD15_SCHEDULER, "tokenizer": tokenizer}
 
 
 def _config_parts(path: str, config_from: str | None) -> dict:
     """The configs of a pipeline without its weights or tokenizer: from a local folder's files, else (hub ids,
     single files without `config_from`) the built-in table (models/known.py)."""
-    source = (config_from or "stable-diffusion-v1-5/stable-diffusion-v1-5") if path.endswith(SINGLE_FILE_SUFFIXES) \
-        else path
+    single_file = path.endswith(SINGLE_FILE_SUFFIXES)
+    source = (config_from or "stable-diffusion-v1-5/stable-diffusion-v1-5") if single_file else path
     if not os.path.isdir(source):
         return dict(known.config_json(source, known.SD, filename="model_index.json"))
-    read = lambda *parts: _read_json(os.path.join(source, *parts))
+    _check_pipeline_folder(source, source, f"config_from={_PIPELINE_FOLDER}" if single_file else _MODEL)
+    read = lambda *parts: hf_io.read_json(os.path.join(source, *parts))
     return {"unet": read("unet", "config.json"), "vae": read("vae", "config.json"),
             "text_encoder": read("text_encoder", "config.json"),
             "scheduler": read("scheduler", "scheduler_config.json")}
@@ -107,20 +132,26 @@ def load_pretrained(path_or_id: str, dtype=jnp.float32, compute_dtype=None,
         vae, vae_params = vae_lib.from_state(parts["vae"], None, **kw)
         parts["tokenizer"] = None
     elif path.endswith(SINGLE_FILE_SUFFIXES):
-        parts = _sd15_parts() if config_from is None else _folder_parts(
-            hf_io.resolve_folder(config_from, _PIPELINE_FILES))
-        states = ldm.split_checkpoint(ldm.read_checkpoint(hf_io.resolve_file(path)), parts["unet"], parts["vae"])
-        text_encoder, text_params = clip.from_state(parts["text_encoder"], states["text_encoder"], **kw)
-        unet, unet_params = unet_lib.from_state(parts["unet"], states["unet"], **kw)
-        vae, vae_params = vae_lib.from_state(parts["vae"], states["vae"], **kw)
+        file = hf_io.resolve_file(path)
+        parts = _sd15_parts(file) if config_from is None else _folder_parts(
+            _pipeline_folder(config_from, f"config_from={_PIPELINE_FOLDER}"))
+        state = ldm.read_checkpoint(file)
+        with hf_io.naming(file):  # the converters see only arrays and config dicts
+            states = ldm.split_checkpoint(state, parts["unet"], parts["vae"])
+            text_encoder, text_params = clip.from_state(parts["text_encoder"], states["text_encoder"], **kw)
+            unet, unet_params = unet_lib.from_state(parts["unet"], states["unet"], **kw)
+            vae, vae_params = vae_lib.from_state(parts["vae"], states["vae"], **kw)
     else:
-        folder = hf_io.resolve_folder(path, _PIPELINE_FILES)
+        folder = _pipeline_folder(path, _MODEL)
         parts = _folder_parts(folder)
         text_encoder, text_params = clip.load_pretrained(os.path.join(folder, "text_encoder"), **kw)
-        unet, unet_params = unet_lib.load_pretrained(os.path.join(folder, "unet"), **kw)
-        vae, vae_params = vae_lib.load_pretrained(os.path.join(folder, "vae"), **kw)
+        with hf_io.naming(os.path.join(folder, "unet")):
+            unet, unet_params = unet_lib.load_pretrained(os.path.join(folder, "unet"), **kw)
+        with hf_io.naming(os.path.join(folder, "vae")):
+            vae, vae_params = vae_lib.load_pretrained(os.path.join(folder, "vae"), **kw)
     if text_encoder.config.text.hidden_size != unet.config.cross_attention_dim:
-        raise ValueError(f"{path}: the text encoder's width {text_encoder.config.text.hidden_size} is not the "
-                         f"UNet's cross_attention_dim {unet.config.cross_attention_dim}")
+        raise hf_io.BadModelFile(f"the text encoder's width {text_encoder.config.text.hidden_size} is not the "
+                                 f"UNet's cross_attention_dim {unet.config.cross_attention_dim}; its text_encoder "
+                                 "and unet come from different models", where=path)
     sd = StableDiffusion(text_encoder, unet, vae, parts["tokenizer"], dict(parts["scheduler"]))
     return sd, {"text_encoder": text_params, "unet": unet_params, "vae": vae_params}

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from diffchat_jax import errors
 from diffchat_jax.diffusion import schedulers
 from diffchat_jax.diffusion.pipeline import StableDiffusion
 from diffchat_jax.models import clip
@@ -33,6 +34,12 @@ class RenderSettings:
     height: int = 0
     width: int = 0
 
+    def __post_init__(self):
+        if self.num_steps < 1:
+            raise errors.ConfigError(f"num_steps must be at least 1, got {self.num_steps}")
+        if self.height < 0 or self.width < 0:
+            raise errors.ConfigError(f"height and width must be >= 0 (0 = native), got {self.height}x{self.width}")
+
     @classmethod
     def from_config(cls, c) -> "RenderSettings":
         return cls(**{f.name: c[f.name] for f in dataclasses.fields(cls)})
@@ -40,9 +47,11 @@ class RenderSettings:
     def image_size(self, sd: StableDiffusion) -> tuple[int, int]:
         native = sd.sample_size * sd.vae_scale
         height, width = self.height or native, self.width or native
-        if height % (8 * sd.vae_scale) or width % (8 * sd.vae_scale):
+        multiple = 8 * sd.vae_scale
+        if height % multiple or width % multiple:
             # The UNet halves the latents len(block_out_channels) - 1 times; multiples of 8 latents always work.
-            raise ValueError(f"image size {height}x{width} must be a multiple of {8 * sd.vae_scale}")
+            raise errors.ConfigError(f"image size {height}x{width} must be a multiple of {multiple} for this model; "
+                                     f"set height and width to multiples of {multiple}, or 0 for its native {native}")
         return height, width
 
 

@@ -25,12 +25,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import save_file
 
 from diffchat_jax.models import hf_io, known
 
 # HF BloomConfig defaults, used for keys a config.json leaves out.
-_HF_DEFAULTS = dict(vocab_size=250880, hidden_size=64, n_layer=2, n_head=8, layer_norm_epsilon=1e-5)
+_HF_DEFAULTS = dict(vocab_size=250880, hidden_size=64, n_layer=2, n_head=8, layer_norm_epsilon=1e-5,
+                    apply_residual_connection_post_layernorm=False)
+# The config.json keys HF reads each field from, the first set one winning (`n_embed` over `hidden_size`).
+_HF_KEYS = dict(vocab_size=("vocab_size",), hidden_size=("n_embed", "hidden_size"),
+                n_layer=("n_layer", "num_hidden_layers"), n_head=("n_head", "num_attention_heads"),
+                layer_norm_epsilon=("layer_norm_epsilon",),
+                apply_residual_connection_post_layernorm=("apply_residual_connection_post_layernorm",))
+# Fields no tensor shape confirms (the word embeddings give vocab_size and hidden_size, the blocks n_layer): left
+# out of a config.json, they take HF's default and a model trained otherwise loads without error.
+_UNCONFIRMED = ("n_head", "layer_norm_epsilon", "apply_residual_connection_post_layernorm")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,20 +71,26 @@ class BloomConfig:
         """From a config.json dict. Accepts HF's aliases: `n_embed` (wins over `hidden_size`, as in HF),
         `num_hidden_layers`, `num_attention_heads` (what bigscience/bloom-* config.json files use)."""
         if not hf.get("tie_word_embeddings", True):
-            raise ValueError("BLOOM with an untied lm_head is not supported (tie_word_embeddings=False)")
+            raise hf_io.BadModelFile("BLOOM with an untied lm_head is not supported (tie_word_embeddings=False)")
 
-        def get(field, *keys):
-            """The first of `keys` (default: the field name) set in hf, else HF's default for the field."""
-            return next((hf[k] for k in keys or (field,) if hf.get(k) is not None), _HF_DEFAULTS[field])
+        def get(field):
+            """The first of the field's keys set in hf, else HF's default for the field."""
+            return next((hf[k] for k in _HF_KEYS[field] if hf.get(k) is not None), _HF_DEFAULTS[field])
 
         return cls(
             vocab_size=get("vocab_size"),
-            hidden_size=get("hidden_size", "n_embed", "hidden_size"),
-            n_layer=get("n_layer", "n_layer", "num_hidden_layers"),
-            n_head=get("n_head", "n_head", "num_attention_heads"),
+            hidden_size=get("hidden_size"),
+            n_layer=get("n_layer"),
+            n_head=get("n_head"),
             layer_norm_epsilon=get("layer_norm_epsilon"),
-            apply_residual_connection_post_layernorm=bool(hf.get("apply_residual_connection_post_layernorm", False)),
+            apply_residual_connection_post_layernorm=bool(get("apply_residual_connection_post_layernorm")),
         )
+
+    @staticmethod
+    def unconfirmed_defaults(hf: Mapping[str, Any]) -> dict[str, Any]:
+        """The fields a config.json dict leaves to HF's defaults (name -> default) that no tensor shape confirms."""
+        return {field: _HF_DEFAULTS[field] for field in _UNCONFIRMED
+                if all(hf.get(k) is None for k in _HF_KEYS[field])}
 
     def to_hf(self) -> dict[str, Any]:
         """A config.json dict that `transformers.BloomConfig` accepts (no dtype: save_pretrained adds the params')."""
@@ -352,7 +367,7 @@ def _hf_key_to_path(key: str) -> tuple[str, ...]:
     try:
         return (*modules, _LEAVES[_kind(modules[-1])][leaf])
     except (KeyError, IndexError):
-        raise ValueError(f"unexpected tensor {key!r} in a BLOOM checkpoint") from None
+        raise hf_io.BadModelFile(f"unexpected tensor {key!r} in a BLOOM checkpoint") from None
 
 
 def _path_to_hf_key(path: tuple[str, ...]) -> str:
@@ -401,23 +416,27 @@ def load_pretrained(path_or_id: str, dtype=jnp.float32, value_head: bool = False
                                      dtype=compute_dtype or dtype, value_head=value_head)
         return Bloom(config), hf_io.abstract_params(lambda: init_params(config, jax.random.key(0)), dtype)
     folder = hf_io.resolve_folder(path_or_id, ["config.json", "*.safetensors", "*.index.json"])
-    config_path = os.path.join(folder, "config.json")
-    if not os.path.exists(config_path):
-        raise FileNotFoundError(f"{config_path} is missing")
-    with open(config_path) as f:
-        config = dataclasses.replace(BloomConfig.from_hf(json.load(f)), dtype=compute_dtype or dtype,
-                                     value_head=value_head)
-
+    config = dataclasses.replace(_read_config(os.path.join(folder, "config.json")), dtype=compute_dtype or dtype,
+                                 value_head=value_head)
     state = hf_io.read_safetensors(folder)
     head_path = os.path.join(folder, "value_head.safetensors")
     if value_head and os.path.exists(head_path):
-        state.update(load_file(head_path))
-    params = hf_to_params(state)
-    expected = jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
-    if value_head and "value_head" not in params:
-        params["value_head"] = jax.tree.map(lambda s: np.zeros(s.shape, np.float32), expected["value_head"])
-    hf_io.check_params(params, expected, _path_to_hf_key, "BLOOM")
+        state.update(hf_io.read_safetensors_file(head_path))
+    with hf_io.naming(folder):
+        params = hf_to_params(state)
+        expected = jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
+        if value_head and "value_head" not in params:
+            params["value_head"] = jax.tree.map(lambda s: np.zeros(s.shape, np.float32), expected["value_head"])
+        hf_io.check_params(params, expected, _path_to_hf_key, "BLOOM")
     return Bloom(config), jax.tree.map(lambda x: jnp.asarray(x, dtype), params)
+
+
+def _read_config(path: str) -> BloomConfig:
+    """A config.json file -> BloomConfig, warning about the fields it leaves to defaults that no shape checks."""
+    hf = hf_io.read_json(path)
+    hf_io.warn_defaults(path, BloomConfig.unconfirmed_defaults(hf))
+    with hf_io.naming(path):
+        return BloomConfig.from_hf(hf)
 
 
 def save_pretrained(config: BloomConfig, params, out_dir: str) -> None:

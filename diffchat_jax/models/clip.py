@@ -19,7 +19,6 @@ emulating CLIPImageProcessor's PIL path), prompts through `tokenize` (transforme
 """
 import dataclasses
 import functools
-import json
 import os
 from typing import Any, Sequence
 
@@ -40,6 +39,11 @@ ACTIVATIONS = {
     "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),  # OpenAI CLIP
     "gelu": functools.partial(jax.nn.gelu, approximate=False),  # open_clip / LAION models (erf GELU)
 }
+# Tower fields no tensor shape confirms (widths, depths, vocabulary, positions and patches all show in the
+# weights): left out of a config.json, they take transformers' defaults and a model trained otherwise loads without
+# error. The text tower also pools at its eos_token_id.
+_UNCONFIRMED = ("num_attention_heads", "hidden_act", "layer_norm_eps")
+_UNCONFIRMED_TEXT = _UNCONFIRMED + ("eos_token_id",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,19 +88,25 @@ class CLIPConfig:
         """From a config.json dict of a CLIPModel (model_type "clip") or CLIPTextModel ("clip_text_model");
         transformers' config classes fill in the fields a file leaves out."""
         import transformers
+        from huggingface_hub.errors import StrictDataclassError  # transformers' checks of config values
         model_type = hf.get("model_type")
-        if model_type == "clip":
-            full = transformers.CLIPConfig.from_dict(hf)
-            text, vision = full.text_config, full.vision_config
-        elif model_type == "clip_text_model":
-            if hf.get("architectures", ["CLIPTextModel"]) != ["CLIPTextModel"]:
-                raise ValueError(f"unsupported text-only CLIP {hf['architectures']} (only CLIPTextModel)")
-            text, vision = transformers.CLIPTextConfig.from_dict(hf), None
-        else:
-            raise ValueError(f"not a CLIP config: model_type {model_type!r}")
+        try:
+            if model_type == "clip":
+                full = transformers.CLIPConfig.from_dict(hf)
+                text, vision = full.text_config, full.vision_config
+            elif model_type == "clip_text_model":
+                if hf.get("architectures", ["CLIPTextModel"]) != ["CLIPTextModel"]:
+                    raise hf_io.BadModelFile(f"unsupported text-only CLIP {hf['architectures']} (only CLIPTextModel)")
+                text, vision = transformers.CLIPTextConfig.from_dict(hf), None
+            else:
+                raise hf_io.BadModelFile(f"not a CLIP config: model_type {model_type!r}; a transformers CLIPModel "
+                                         "or CLIPTextModel config.json is expected")
+        except StrictDataclassError as e:
+            raise hf_io.BadModelFile(f"not a valid CLIP config ({' '.join(str(e).split())})") from e
         for tower in (text, vision):
             if tower is not None and tower.hidden_act not in ACTIVATIONS:
-                raise ValueError(f"hidden_act {tower.hidden_act!r} not supported; known: {sorted(ACTIVATIONS)}")
+                raise hf_io.BadModelFile(f"hidden_act {tower.hidden_act!r} not supported; known: "
+                                         f"{sorted(ACTIVATIONS)}")
 
         def tower_fields(hf_tower):
             return {f.name: getattr(hf_tower, f.name) for f in dataclasses.fields(TowerConfig)}
@@ -107,6 +117,32 @@ class CLIPConfig:
             return cls(text=text)
         vision = VisionConfig(**tower_fields(vision), image_size=vision.image_size, patch_size=vision.patch_size)
         return cls(text=text, vision=vision, projection_dim=full.projection_dim)
+
+
+def unconfirmed_defaults(hf: dict) -> dict[str, Any]:
+    """The tower fields a CLIPModel / CLIPTextModel config.json dict leaves to transformers' defaults that no tensor
+    shape confirms, as {"text_config.num_attention_heads": 8, ...} (no prefix for a CLIPTextModel)."""
+    import transformers
+    text_defaults, vision_defaults = transformers.CLIPTextConfig(), transformers.CLIPVisionConfig()
+    if hf.get("model_type") == "clip_text_model":
+        towers = [("", hf, text_defaults, _UNCONFIRMED_TEXT)]
+    else:
+        # transformers also reads the `*_config_dict` copies older files carry.
+        tower = lambda name: {**(hf.get(f"{name}_dict") or {}), **(hf.get(name) or {})}
+        towers = [("text_config.", tower("text_config"), text_defaults, _UNCONFIRMED_TEXT),
+                  ("vision_config.", tower("vision_config"), vision_defaults, _UNCONFIRMED)]
+    return {prefix + field: getattr(defaults, field) for prefix, given, defaults, fields in towers
+            for field in fields if given.get(field) is None}
+
+
+def read_config_json(path: str) -> dict:
+    """A CLIP config.json file as a dict, checked as CLIPConfig.from_hf does, warning about the fields it leaves to
+    defaults that no tensor shape checks."""
+    hf = hf_io.read_json(path)
+    with hf_io.naming(path):
+        CLIPConfig.from_hf(hf)
+    hf_io.warn_defaults(path, unconfirmed_defaults(hf))
+    return hf
 
 
 @flax.struct.dataclass
@@ -386,7 +422,7 @@ def _hf_key_to_path(key: str) -> tuple[str, ...]:
     if leaf in ("class_embedding", "logit_scale", "bias"):
         return tuple(path)
     if leaf != "weight" or not modules:
-        raise ValueError(f"unexpected tensor {key!r} in a CLIP checkpoint")
+        raise hf_io.BadModelFile(f"unexpected tensor {key!r} in a CLIP checkpoint")
     module = modules[-1]
     if module == "patch_embedding":
         name = "kernel"
@@ -427,11 +463,8 @@ def _build(config: CLIPConfig, state: dict[str, np.ndarray] | None, dtype):
 
 
 def _read_config(folder: str, compute_dtype) -> CLIPConfig:
-    config_path = os.path.join(folder, "config.json")
-    if not os.path.exists(config_path):
-        raise FileNotFoundError(f"{config_path} is missing")
-    with open(config_path) as f:
-        return dataclasses.replace(CLIPConfig.from_hf(json.load(f)), dtype=compute_dtype)
+    return dataclasses.replace(CLIPConfig.from_hf(read_config_json(os.path.join(folder, "config.json"))),
+                               dtype=compute_dtype)
 
 
 def from_state(config_dict: dict, state: dict[str, np.ndarray] | None, dtype=jnp.float32, compute_dtype=None):
@@ -452,7 +485,9 @@ def load_pretrained(path_or_id: str, dtype=jnp.float32, compute_dtype=None, abst
     if abstract:
         return from_state(known.config_json(path_or_id, known.CLIP), None, dtype, compute_dtype)
     folder = hf_io.resolve_folder(path_or_id, ["config.json", "*.safetensors", "*.index.json"])
-    return _build(_read_config(folder, compute_dtype or dtype), hf_io.read_safetensors(folder), dtype)
+    config, state = _read_config(folder, compute_dtype or dtype), hf_io.read_safetensors(folder)
+    with hf_io.naming(folder):
+        return _build(config, state, dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -498,8 +533,8 @@ def openclip_to_hf(state: dict[str, np.ndarray], config: CLIPConfig) -> dict[str
     unexpected = sorted(k for k in state if k not in names and k.split(".")[-1] not in _OPENCLIP_IGNORED)
     missing = sorted(k for k in names if k not in state)
     if unexpected or missing:
-        raise ValueError(f"not an open_clip ViT CLIP of this config: missing {missing[:8]}, "
-                         f"unexpected {unexpected[:8]}")
+        raise hf_io.BadModelFile(f"not an open_clip ViT CLIP of this config: missing {missing[:8]}, "
+                                 f"unexpected {unexpected[:8]}")
     hf = {}
     for key, name in names.items():
         x = state[key]
@@ -526,5 +561,7 @@ def load_openclip(checkpoint: str, config_path_or_id: str, dtype=jnp.float32, co
     under "state_dict", read with torch weights_only) with the architecture of a transformers CLIP config
     (folder or hub id, e.g. laion/CLIP-ViT-H-14-laion2B-s32B-b79K for HPS v2) -> (CLIP, params)."""
     config = _read_config(hf_io.resolve_folder(config_path_or_id, ["config.json"]), compute_dtype or dtype)
-    state = hf_io.read_torch_state_dict(hf_io.resolve_file(checkpoint))
-    return _build(config, openclip_to_hf(state, config), dtype)
+    path = hf_io.resolve_file(checkpoint)
+    state = hf_io.read_torch_state_dict(path)
+    with hf_io.naming(path):
+        return _build(config, openclip_to_hf(state, config), dtype)

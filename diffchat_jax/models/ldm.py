@@ -18,7 +18,6 @@ generated for that structure, so a tensor the config does not expect, or one it 
 raises naming it. EMA copies and the diffusion schedule buffers some files carry are ignored.
 `SD15_*` are SD 1.5's configs, for single files that come without a config folder.
 """
-import pickle
 import re
 
 import jax.numpy as jnp
@@ -76,17 +75,17 @@ _SHOWN = 10  # names listed in an error
 
 def read_checkpoint(path: str) -> dict[str, np.ndarray]:
     """A single-file checkpoint (.safetensors, or a PyTorch .ckpt/.pt/.pth) -> {name: array}, every floating
-    tensor (float16, bfloat16, ...) as float32, other tensors as stored."""
+    tensor (float16, bfloat16, ...) as float32, other tensors as stored.
+
+    Raises hf_io.BadModelFile naming the file when it is unreadable; hf_io.RefusedPickle when it pickles more than
+    tensors (e.g. PyTorch Lightning training state), which we do not unpickle.
+    """
     path = str(path)
     if path.endswith(".safetensors"):
-        with safe_open(path, framework="np") as f:  # one tensor at a time: peak memory ~ the float32 result
+        # One tensor at a time: peak memory ~ the float32 result.
+        with hf_io.safetensors_errors(path), safe_open(path, framework="np") as f:
             return {k: _as_float32(f.get_tensor(k)) for k in f.keys()}
-    try:
-        return hf_io.read_torch_state_dict(path)
-    except pickle.UnpicklingError as e:
-        raise ValueError(f"{path} pickles more than tensors (e.g. PyTorch Lightning training state), which we do "
-                         "not unpickle: convert it to .safetensors (e.g. with diffusers or a webui) and load "
-                         f"that ({e.__class__.__name__}: {str(e).splitlines()[0]})") from e
+    return hf_io.read_torch_state_dict(path)
 
 
 def _as_float32(x: np.ndarray) -> np.ndarray:
@@ -99,8 +98,8 @@ def split_checkpoint(state: dict[str, np.ndarray], unet_config: dict,
     names, "text_encoder": transformers CLIPTextModel names (`text_model.` prefix)}.
 
     The configs are diffusers config dicts; they fix the block structure. Arrays are shared with `state`, except
-    the VAE's mid-attention weights: [C, C, 1, 1] -> [C, C] (views). Raises a ValueError listing the tensors that
-    are neither expected nor ignored, and the expected ones that are missing.
+    the VAE's mid-attention weights: [C, C, 1, 1] -> [C, C] (views). Raises hf_io.BadModelFile (a ValueError)
+    listing the tensors that are neither expected nor ignored, and the expected ones that are missing.
     """
     state = _with_text_model_prefix(state)
     tables = {
@@ -123,8 +122,9 @@ def split_checkpoint(state: dict[str, np.ndarray], unet_config: dict,
     problems = [f"{len(names)} {what} tensors: {', '.join(names[:_SHOWN])}{', ...' if len(names) > _SHOWN else ''}"
                 for what, names in (("unknown", unknown), ("missing", missing)) if names]
     if problems:
-        raise ValueError("the checkpoint does not match an SD 1.x LDM checkpoint with these UNet / VAE configs: "
-                         + "; ".join(problems))
+        raise hf_io.BadModelFile("the checkpoint does not match an SD 1.x LDM checkpoint with these UNet / VAE "
+                                 f"configs: {'; '.join(problems)}; pass config_from=<a diffusers pipeline of its "
+                                 "architecture>")
     return out
 
 
@@ -136,7 +136,7 @@ def _with_text_model_prefix(state: dict) -> dict:
         if key.startswith(TEXT_PREFIX) and not key.startswith(full):
             key = full + key[len(TEXT_PREFIX):]
             if key in state:
-                raise ValueError(f"the checkpoint holds {key} both with and without `text_model.`")
+                raise hf_io.BadModelFile(f"the checkpoint holds {key} both with and without `text_model.`")
         out[key] = x
     return out
 
@@ -174,8 +174,8 @@ def _transformer(ldm: str, diffusers: str, depth: int) -> dict[str, str]:
 
 def _require(config: dict, key: str, allowed, default) -> None:
     if config.get(key, default) not in allowed:
-        raise ValueError(f"unsupported {key}={config.get(key, default)!r} for an LDM single file (supported: "
-                         f"{', '.join(map(repr, allowed))})")
+        raise hf_io.BadModelFile(f"unsupported {key}={config.get(key, default)!r} for an LDM single file "
+                                 f"(supported: {', '.join(map(repr, allowed))})")
 
 
 def _unet_names(config: dict) -> dict[str, str]:
@@ -189,13 +189,13 @@ def _unet_names(config: dict) -> dict[str, str]:
     channels, layers = config["block_out_channels"], config["layers_per_block"]
     depth = config.get("transformer_layers_per_block", 1)
     if not isinstance(layers, int) or not isinstance(depth, int):
-        raise ValueError(f"layers_per_block {layers!r} and transformer_layers_per_block {depth!r} must be ints "
-                         "(one value for every level) for an LDM single file")
+        raise hf_io.BadModelFile(f"layers_per_block {layers!r} and transformer_layers_per_block {depth!r} must be "
+                                 "ints (one value for every level) for an LDM single file")
     down, up = config["down_block_types"], config["up_block_types"]
     for types, kinds in ((down, ("CrossAttnDownBlock2D", "DownBlock2D")), (up, ("UpBlock2D", "CrossAttnUpBlock2D"))):
         if len(types) != len(channels) or not set(types) <= set(kinds):
-            raise ValueError(f"unsupported UNet blocks {types} for block_out_channels {channels} (supported: "
-                             f"{', '.join(kinds)}, one per level)")
+            raise hf_io.BadModelFile(f"unsupported UNet blocks {types} for block_out_channels {channels} "
+                                     f"(supported: {', '.join(kinds)}, one per level)")
     last = len(channels) - 1
     names = {**_params("time_embed.0", "time_embedding.linear_1"), **_params("time_embed.2", "time_embedding.linear_2"),
              **_params("input_blocks.0.0", "conv_in"), **_params("out.0", "conv_norm_out"),
@@ -234,7 +234,8 @@ def _vae_names(config: dict) -> dict[str, str]:
     channels, layers = config["block_out_channels"], config.get("layers_per_block", 1)
     for key, kind in (("down_block_types", "DownEncoderBlock2D"), ("up_block_types", "UpDecoderBlock2D")):
         if list(config[key]) != [kind] * len(channels):
-            raise ValueError(f"unsupported VAE {key} {config[key]} (only {kind}, one per level of {channels})")
+            raise hf_io.BadModelFile(f"unsupported VAE {key} {config[key]} (only {kind}, one per level of "
+                                     f"{channels})")
     last = len(channels) - 1
     names = {}
     for part in ("encoder", "decoder"):

@@ -12,11 +12,14 @@ from typing import Mapping
 
 import numpy as np
 
+from diffchat_jax.errors import UserError
 from diffchat_jax.rewards.base import Component, RewardBatch
 
 
-class NonFiniteReward(ValueError):
-    """A component returned NaN or inf and the config says to stop."""
+class NonFiniteReward(UserError, ValueError):
+    """A component returned NaN or inf and the config says to stop (exit code 3)."""
+    exit_code = 3
+    label = "reward error"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -23,7 +23,7 @@ import transformers
 from diffchat_jax.models import clip
 from diffchat_jax.rewards import scorers
 from diffchat_jax.rewards.base import Component, RewardBatch, register
-from diffchat_jax.utils import aot
+from diffchat_jax.utils import aot, torch_dep
 from diffchat_jax.utils.mesh import chunk_size, make_mesh, map_in_chunks, replicate, shard_batch
 
 
@@ -58,7 +58,7 @@ def make_aesthetic(config, mesh=None, abstract: bool = False) -> Component:
     mesh = mesh or make_mesh(jax.local_devices())
     module, params = clip.load_pretrained(c.clip_model, jnp.dtype(c.dtype), abstract=abstract)
     mlp = (scorers.abstract_aesthetic_mlp(module.config.projection_dim) if abstract
-           else scorers.load_aesthetic_mlp(c.mlp_weights))
+           else scorers.load_aesthetic_mlp(c.mlp_weights, in_features=module.config.projection_dim))
     params, mlp = replicate((params, mlp), mesh)
 
     def score(batch: RewardBatch) -> np.ndarray:
@@ -111,7 +111,7 @@ def tiny_clip_tokenizer() -> transformers.CLIPTokenizer:
 
 def _tiny_clip(hidden_act: str, patch_size: int, logit_scale: float, seed: int):
     """A random transformers CLIPModel: text 2x32, vision 2x32 on 32x32 images, projection 16."""
-    import torch
+    torch = torch_dep.require_torch("building random CLIP models")
     text = dict(vocab_size=514, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                 hidden_act=hidden_act, bos_token_id=512, eos_token_id=513, pad_token_id=513)
     vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32,
@@ -135,14 +135,14 @@ def _save_with_processor(model, out_dir: str) -> str:
 def save_random_clip(out_dir: str, hf_config: dict, seed: int = 0) -> str:
     """A transformers CLIPModel of `hf_config` (a config.json dict, e.g. models/known.CLIP_H14) with random weights,
     with the tiny byte-level tokenizer (ids < 514) and an image processor: benchmarks at the real shapes."""
-    import torch
+    torch = torch_dep.require_torch("building random CLIP models")
     torch.manual_seed(seed)
     return _save_with_processor(transformers.CLIPModel(transformers.CLIPConfig.from_dict(hf_config)).eval(), out_dir)
 
 
 def save_random_aesthetic_mlp(path: str, in_features: int, seed: int = 2) -> str:
     """A torch state dict of the LAION MLP layout (layers.{0,2,4,6,7}) on `in_features`-wide embeddings."""
-    import torch
+    torch = torch_dep.require_torch("writing a random aesthetic MLP")
     torch.manual_seed(seed)
     mlp = torch.nn.Sequential(torch.nn.Linear(in_features, 1024), torch.nn.Dropout(0.2), torch.nn.Linear(1024, 128),
                               torch.nn.Dropout(0.2), torch.nn.Linear(128, 64), torch.nn.Dropout(0.1),
@@ -159,7 +159,7 @@ def build_tiny_models(out_dir: str) -> dict[str, str]:
         pickscore    like yuvalkirstain/PickScore_v1 (gelu; patch 16; logit_scale log 100), tokenizer inside
         hps          hps.pt: an open_clip-layout {"state_dict": ...}; its architecture config is `pickscore`
     """
-    import torch
+    torch = torch_dep.require_torch("building the tiny scorer models")
     paths = {
         "clip": _save_with_processor(_tiny_clip("quick_gelu", 8, 2.6592, seed=0), os.path.join(out_dir, "clip")),
         "pickscore": _save_with_processor(_tiny_clip("gelu", 16, float(np.log(100.0)), seed=1),

@@ -43,26 +43,36 @@ class AestheticMLP(nn.Module):
         return x
 
 
-def load_aesthetic_mlp(path_or_hub_file: str) -> dict:
+def load_aesthetic_mlp(path_or_hub_file: str, in_features: int | None = None) -> dict:
     """The published state dict (`layers.{i}.weight/bias`; .pth read with torch weights_only, or .safetensors),
-    local or `owner/name/file` on the hub -> AestheticMLP params."""
+    local or `owner/name/file` on the hub -> AestheticMLP params; each tensor's shape is checked against the MLP
+    on `in_features`-wide embeddings (None: the file's own width)."""
     path = hf_io.resolve_file(path_or_hub_file)
-    if path.endswith(".safetensors"):
-        from safetensors.numpy import load_file
-        state = load_file(path)
-    else:
-        state = hf_io.read_torch_state_dict(path)
+    state = hf_io.read_safetensors_file(path) if path.endswith(".safetensors") else hf_io.read_torch_state_dict(path)
     want = {f"layers.{i}.{leaf}" for i in (0, 2, 4, 6, 7) for leaf in ("weight", "bias")}
     if set(state) != want:
-        raise ValueError(f"{path} is not a LAION aesthetic MLP: tensors {sorted(state)}, expected {sorted(want)}")
-    return {f"layers_{i}": {"kernel": jnp.asarray(state[f"layers.{i}.weight"].T, jnp.float32),
-                            "bias": jnp.asarray(state[f"layers.{i}.bias"], jnp.float32)}
-            for i in (0, 2, 4, 6, 7)}
+        raise hf_io.BadModelFile(f"not a LAION aesthetic MLP: tensors {sorted(state)}, expected {sorted(want)}",
+                                 where=path)
+    params = {f"layers_{i}": {"kernel": state[f"layers.{i}.weight"].T, "bias": state[f"layers.{i}.bias"]}
+              for i in (0, 2, 4, 6, 7)}
+    width = in_features or params["layers_0"]["kernel"].shape[0]
+    with hf_io.naming(path):
+        return hf_io.checked_params(params, lambda: _init_aesthetic_mlp(width), _aesthetic_tensor, "aesthetic MLP",
+                                    jnp.float32)
+
+
+def _init_aesthetic_mlp(in_features: int) -> dict:
+    return AestheticMLP().init(jax.random.key(0), jnp.zeros((1, in_features)))["params"]
+
+
+def _aesthetic_tensor(path: tuple[str, ...]) -> str:
+    """('layers_0', 'kernel') -> 'layers.0.weight', the file's name."""
+    return f"{path[0].replace('_', '.')}.{'weight' if path[1] == 'kernel' else 'bias'}"
 
 
 def abstract_aesthetic_mlp(in_features: int) -> dict:
     """AestheticMLP params as jax.ShapeDtypeStructs (float32) on `in_features`-wide embeddings (memory report)."""
-    return jax.eval_shape(lambda: AestheticMLP().init(jax.random.key(0), jnp.zeros((1, in_features)))["params"])
+    return jax.eval_shape(lambda: _init_aesthetic_mlp(in_features))
 
 
 def cosine(a: jax.Array, b: jax.Array) -> jax.Array:

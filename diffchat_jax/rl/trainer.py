@@ -23,11 +23,12 @@ from diffchat_jax.data import tokenizer as tokenizer_lib
 from diffchat_jax.diffusion import images as images_lib, schedulers
 from diffchat_jax.rewards import base as reward_base
 from diffchat_jax.rl import ppo
+from diffchat_jax.sampling import rollout as rollout_lib
 from diffchat_jax.rl.learner import HostState, Learner, renders_images, resolve_model_dir
 from diffchat_jax.text import adm, integrity, keywords
-from diffchat_jax.train import loop
+from diffchat_jax.train import loop, run_config
 from diffchat_jax.utils import mesh as mesh_lib, metrics as metrics_lib
-from diffchat_jax.utils.validate import DTYPES, check_data_source, looks_local, one_of, require
+from diffchat_jax.utils.validate import DTYPES, check_data_source, check_model_source, one_of, require
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -67,17 +68,18 @@ def validate_config(config, num_devices: int) -> None:
     one_of(m.compute_dtype, DTYPES, "model.compute_dtype")
     one_of(m.param_dtype, DTYPES, "model.param_dtype")
     require(bool(m.name_or_path), "model.name_or_path", "is empty: set the SFT workdir or export folder")
-    require(not looks_local(m.name_or_path) or os.path.isdir(m.name_or_path), "model.name_or_path",
-            f"not found: {m.name_or_path} (run SFT first, e.g. "
-            f"python -m diffchat_jax.main --config=configs/sft.py:tiny)")
+    check_model_source(m.name_or_path, "model.name_or_path",
+                       "run SFT first, e.g. python -m diffchat_jax.main --config=configs/sft.py:tiny")
     require(bool(config.data.train), "data.train", "is empty")
     check_data_source(config.data.train, "data.train")
+    keywords.from_config(config.ci)  # candidate_pos and tagger, as typed on the command line
+    rollout_lib.SamplingConfig.from_config(config.sampling, eos_id=0, pad_id=0)  # its checks (ids do not matter)
 
 
 def validate_render_config(r) -> None:
     require(bool(r.model), "render.model", "is empty: image rewards need a Stable Diffusion checkpoint")
-    require(not looks_local(r.model) or os.path.exists(r.model), "render.model",
-            f"not found: {r.model} (tiny random models for the tiny configs: python -m diffchat_jax.tiny_models)")
+    check_model_source(r.model, "render.model", "tiny random models for the tiny configs: "
+                       "python -m diffchat_jax.tiny_models")
     one_of(r.solver, schedulers.SOLVERS, "render.solver")
     one_of(r.seed_policy, ("fixed", "per_iteration"), "render.seed_policy")
     one_of(r.dtype, DTYPES, "render.dtype")
@@ -165,11 +167,13 @@ def log_images(workdir: str, writer, iteration: int, responses, images: np.ndarr
 # ---------------------------------------------------------------------------------------------------------------
 # The job.
 # ---------------------------------------------------------------------------------------------------------------
-def train_and_evaluate(config, workdir: str, mesh=None) -> dict[str, float]:
-    """Runs (or resumes) PPO in `workdir`; returns the mean reward of the first and last iterations."""
+def train_and_evaluate(config, workdir: str, mesh=None, allow_config_change: bool = False) -> dict[str, float]:
+    """Runs (or resumes) PPO in `workdir`; returns the mean reward of the first and last iterations this process
+    ran. A resume with a config that alters the run raises ConfigError unless allow_config_change."""
     mesh = mesh or mesh_lib.from_config(config)
     validate_config(config, mesh.size)
     workdir = os.path.abspath(workdir)
+    changed = run_config.check_resume(config, workdir, allow_config_change)
     os.makedirs(workdir, exist_ok=True)
     is_main = jax.process_index() == 0
     p = config.ppo
@@ -189,8 +193,7 @@ def train_and_evaluate(config, workdir: str, mesh=None) -> dict[str, float]:
     samples_path = os.path.join(workdir, "samples.jsonl")
     keyword_config = keywords.from_config(config.ci)
     tokenizer = prompts.tokenizer
-    # The mean reward of the first and last iterations this process runs; the first of a run (fresh or resumed)
-    # also logs samples and images.
+    # The mean reward of the first and last iterations this process runs.
     run = {"first_reward": float("nan"), "last_reward": float("nan"), "first": True}
 
     def iteration(state, host, it, log):
@@ -254,11 +257,12 @@ def train_and_evaluate(config, workdir: str, mesh=None) -> dict[str, float]:
         run["first_reward"] = mean_reward if run["first"] else run["first_reward"]
         run["last_reward"] = mean_reward
         done = it + 1
-        if is_main and (done % config.sample_log_every == 0 or run["first"]):
+        # Samples and images at the first iteration and every N: a resumed run logs what an uninterrupted one would.
+        if is_main and (done % config.sample_log_every == 0 or done == 1):
             log_samples(samples_path, done, prompts, rows, responses, scored.scores, scored.raw, plans,
                         config.samples_per_log)
         if (writer and images is not None and config.render.log_every
-                and (done % config.render.log_every == 0 or run["first"])):
+                and (done % config.render.log_every == 0 or done == 1)):
             log_images(workdir, writer, done, responses, images, seeds, config.render.log_images,
                        config.render.model)
         run["first"] = False
@@ -276,7 +280,10 @@ def train_and_evaluate(config, workdir: str, mesh=None) -> dict[str, float]:
 
     spec = loop.Loop(desc="ppo", unit="iteration", workdir=workdir, total_steps=total_iterations,
                      log_every=config.log_every, checkpoint_every=config.checkpoint_every,
-                     keep_checkpoints=config.keep_checkpoints)
+                     keep_checkpoints=config.keep_checkpoints,
+                     rewind=(lambda done: metrics_lib.rewind_jsonl(samples_path, "iteration", done),
+                             lambda done: loop.rewind_step_folders(os.path.join(workdir, "images"), done)))
+    run_config.save(config, workdir, changed)
     state, host = loop.run(spec, learner.state, learner.host.to_json(), iteration, writer)
     learner.state, learner.host = state, HostState.from_json(host)
 

@@ -32,7 +32,7 @@ from jax import lax
 
 from diffchat_jax.models import bloom
 from diffchat_jax.sampling import logits as logits_lib
-from diffchat_jax.utils.validate import require
+from diffchat_jax.utils.validate import names, require
 
 ORDER = ("min_new_tokens", "ban", "temperature", "top_k", "top_p", "typical")  # transformers' order
 WARPERS = ("temperature", "top_k", "top_p", "typical")
@@ -69,7 +69,8 @@ class SamplingConfig:
     @classmethod
     def from_config(cls, sampling, eos_id: int, pad_id: int) -> "SamplingConfig":
         """From the `config.sampling` ConfigDict and the tokenizer's EOS / pad ids."""
-        return cls(eos_id=eos_id, pad_id=pad_id, **{**sampling.to_dict(), "order": tuple(sampling.order)})
+        order = names(sampling.order, "sampling.order", ORDER)  # as typed: ("ban", ...), "ban,top_k,..."
+        return cls(eos_id=eos_id, pad_id=pad_id, **{**sampling.to_dict(), "order": order})
 
     @property
     def active(self) -> tuple[str, ...]:

@@ -20,10 +20,10 @@ from diffchat_jax.data import tokenize as tokenize_lib
 from diffchat_jax.data import tokenizer as tokenizer_lib
 from diffchat_jax.models import bloom
 from diffchat_jax.rl import logprobs
-from diffchat_jax.train import loop
+from diffchat_jax.train import loop, run_config
 from diffchat_jax.utils import aot, mesh as mesh_lib, metrics as metrics_lib, optim
 from diffchat_jax.utils.batching import split_microbatches
-from diffchat_jax.utils.validate import DTYPES, check_data_source, one_of, require
+from diffchat_jax.utils.validate import DTYPES, check_data_source, check_model_source, one_of, require
 
 BATCH_KEYS = ("input_ids", "attention_mask", "loss_mask")
 
@@ -54,7 +54,9 @@ def validate_config(config, num_devices: int) -> None:
     one_of(m.compute_dtype, DTYPES, "model.compute_dtype")
     one_of(m.param_dtype, DTYPES, "model.param_dtype")
     r = m.random
-    if not m.name_or_path:
+    if m.name_or_path:
+        check_model_source(m.name_or_path, "model.name_or_path", "a transformers BLOOM folder or hub id")
+    else:
         require(min(r.n_layer, r.hidden_size, r.n_head) > 0, "model.random",
                 "needs n_layer, hidden_size, n_head > 0 when model.name_or_path is empty")
         require(r.hidden_size % r.n_head == 0, "model.random.hidden_size", "must be divisible by n_head")
@@ -224,11 +226,13 @@ def evaluate(eval_step, params, data, batch_size: int, mesh) -> float:
 # ---------------------------------------------------------------------------------------------------------------
 # The job.
 # ---------------------------------------------------------------------------------------------------------------
-def train_and_evaluate(config, workdir: str, mesh=None) -> dict[str, float]:
-    """Runs (or resumes) SFT in `workdir`; returns the first and last eval losses and the final step."""
+def train_and_evaluate(config, workdir: str, mesh=None, allow_config_change: bool = False) -> dict[str, float]:
+    """Runs (or resumes) SFT in `workdir`; returns the first and last eval losses and the final step. A resume
+    with a config that alters the run raises ConfigError unless allow_config_change."""
     mesh = mesh or mesh_lib.from_config(config)
     validate_config(config, mesh.size)
     workdir = os.path.abspath(workdir)
+    changed = run_config.check_resume(config, workdir, allow_config_change)
     os.makedirs(workdir, exist_ok=True)
     is_main = jax.process_index() == 0
 
@@ -289,6 +293,7 @@ def train_and_evaluate(config, workdir: str, mesh=None) -> dict[str, float]:
     spec = loop.Loop(desc="sft", unit="step", workdir=workdir, total_steps=total_steps, log_every=config.log_every,
                      checkpoint_every=config.checkpoint_every, keep_checkpoints=config.keep_checkpoints,
                      periodic=(loop.Periodic(config.eval_every, run_eval, at_start=True),))
+    run_config.save(config, workdir, changed)
     state, _ = loop.run(spec, state, {}, train_step, writer)
 
     # ----- export -----

@@ -42,10 +42,14 @@ from nltk.corpus import wordnet
 from nltk.stem import WordNetLemmatizer
 from textblob import en as textblob_en
 
-from diffchat_jax.utils.validate import one_of
+from diffchat_jax.utils.validate import names, one_of
 
 WORD = re.compile(r"[^\W_]+")
 CANDIDATE_POS = ("NN", "NNS", "NNP", "NNPS", "JJ", "JJR", "JJS", "VB", "VBD", "VBG", "VBN", "VBP", "VBZ")
+# The Penn Treebank word tags both taggers emit (candidate_pos must name some of these).
+PENN_TAGS = frozenset({"CC", "CD", "DT", "EX", "FW", "IN", "JJ", "JJR", "JJS", "LS", "MD", "NN", "NNS", "NNP", "NNPS",
+                       "PDT", "POS", "PRP", "PRP$", "RB", "RBR", "RBS", "RP", "SYM", "TO", "UH", "VB", "VBD", "VBG",
+                       "VBN", "VBP", "VBZ", "WDT", "WP", "WP$", "WRB"})
 AUXILIARIES = frozenset({"be", "have", "do"})
 BOILERPLATE = frozenset({
     # quality and detail
@@ -72,7 +76,8 @@ class KeywordConfig:
 def from_config(ci) -> KeywordConfig:
     """The KeywordConfig of a `config.ci` ConfigDict."""
     one_of(ci.tagger, TAGGERS, "ci.tagger")
-    return KeywordConfig(candidate_pos=tuple(ci.candidate_pos), stop_list=bool(ci.stop_list), tagger=ci.tagger)
+    return KeywordConfig(candidate_pos=names(ci.candidate_pos, "ci.candidate_pos", PENN_TAGS),
+                         stop_list=bool(ci.stop_list), tagger=ci.tagger)
 
 
 def wordnet_available() -> bool:

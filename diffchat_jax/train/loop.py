@@ -6,18 +6,27 @@ checkpoints; the memory check both trainers run at start-up; and the export both
 `step_fn(state, host, i, log) -> (state, host, metrics)` runs step i (0-based; i + 1 steps are then done). When
 `log` is True its metrics (a dict of numbers) are written at step i + 1; otherwise they may be None. A run that
 finds a checkpoint in `workdir/checkpoints` continues after it: the device state and the host state (a JSON dict)
-are restored, and step_fn is asked for the same steps an uninterrupted run would have run next.
+are restored, what the interrupted run wrote after that checkpoint is rewound (metrics rows, and whatever
+`Loop.rewind` names: samples, image folders), and step_fn is asked for the same steps an uninterrupted run would
+have run next, so the workdir ends as an uninterrupted run's.
+
+Ctrl-C (SIGINT) finishes the current step, saves a checkpoint and raises `Interrupted` (one line, exit 130); a
+second Ctrl-C exits at once.
 """
+import contextlib
 import dataclasses
 import os
+import shutil
+import signal
+import sys
 from typing import Callable
 
 import jax
 import tqdm
 
 from diffchat_jax.models import bloom
+from diffchat_jax.errors import ConfigError, UserError
 from diffchat_jax.utils import aot, checkpoint
-from diffchat_jax.utils.validate import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +48,38 @@ class Loop:
     checkpoint_every: int
     keep_checkpoints: int
     periodic: tuple[Periodic, ...] = ()
+    rewind: tuple[Callable[[int], None], ...] = ()  # fn(done) on resume: drop outputs written after step `done`
+
+
+class Interrupted(UserError):
+    """Ctrl-C: the run saved a checkpoint and stopped; the same command resumes it."""
+    exit_code = 130
+    label = "stopped"
+
+
+@contextlib.contextmanager
+def stop_on_sigint(unit: str):
+    """Yields a dict whose "stop" turns True at the first Ctrl-C (the loop then checkpoints and stops); the second
+    Ctrl-C exits at once. The handler is the default again outside the block (and off the main thread: none)."""
+    flag = {"stop": False}
+
+    def handler(signum, frame):
+        del signum, frame
+        if flag["stop"]:
+            sys.stderr.write("\nsecond Ctrl-C: exiting without a checkpoint\n")
+            os._exit(130)
+        flag["stop"] = True
+        sys.stderr.write(f"\nCtrl-C: finishing this {unit}, then saving a checkpoint (Ctrl-C again to exit at once)\n")
+
+    try:
+        previous = signal.signal(signal.SIGINT, handler)
+    except ValueError:  # not the main thread
+        yield flag
+        return
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def run(spec: Loop, state, host: dict, step_fn, writer=None):
@@ -49,12 +90,16 @@ def run(spec: Loop, state, host: dict, step_fn, writer=None):
     state, host, start = checkpoint.restore_latest(ckpt, state, host)
     if start:
         print(f"resumed from checkpoint at {spec.unit} {start}")
+        if is_main:
+            for rewind in ((writer.rewind,) if writer is not None else ()) + spec.rewind:
+                rewind(start)
     else:
         for action in spec.periodic:
             if action.at_start:
                 action.fn(0, state)
     due = lambda every, done: done % every == 0 or done == spec.total_steps
-    with tqdm.tqdm(total=spec.total_steps, initial=start, desc=spec.desc, disable=not is_main) as bar:
+    with tqdm.tqdm(total=spec.total_steps, initial=start, desc=spec.desc, disable=not is_main) as bar, \
+            stop_on_sigint(spec.unit) as sigint:
         for i in range(start, spec.total_steps):
             done = i + 1
             log = due(spec.log_every, done)
@@ -65,10 +110,28 @@ def run(spec: Loop, state, host: dict, step_fn, writer=None):
             for action in spec.periodic:
                 if due(action.every, done):
                     action.fn(done, state)
-            if due(spec.checkpoint_every, done):
+            if due(spec.checkpoint_every, done) or sigint["stop"]:
                 checkpoint.save(ckpt, done, state, host)
+                if start and not due(spec.checkpoint_every, start) and done != start:
+                    # The Ctrl-C checkpoint this run resumed from has served; drop it once this one is on disk,
+                    # so the workdir holds the checkpoints of an uninterrupted run.
+                    ckpt.wait_until_finished()
+                    ckpt.delete(start)
+                    start = 0
+            if sigint["stop"] and done < spec.total_steps:
+                ckpt.wait_until_finished()
+                raise Interrupted(f"interrupted at {spec.unit} {done} of {spec.total_steps}: checkpoint saved in "
+                                  f"{os.path.join(spec.workdir, 'checkpoints')}; rerun the same command to resume")
     ckpt.wait_until_finished()
     return state, host
+
+
+def rewind_step_folders(folder: str, done: int) -> None:
+    """Removes the subfolders of `folder` named by a step after `done` (e.g. images/000007)."""
+    if os.path.isdir(folder):
+        for name in os.listdir(folder):
+            if name.isdigit() and int(name) > done:
+                shutil.rmtree(os.path.join(folder, name))
 
 
 def check_memory(report: aot.Report, limit_gib: float) -> None:

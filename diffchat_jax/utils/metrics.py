@@ -10,19 +10,34 @@ import tqdm
 class MetricWriter:
     """Writes scalar metrics to `<logdir>/` (TensorBoard events + metrics.jsonl) and prints a console line.
 
-    Only process 0 of a multi-host run should create one.
+    Only process 0 of a multi-host run should create one. A resumed run calls `rewind(step)` before writing: rows
+    after `step` (written by the interrupted run after its last checkpoint) leave metrics.jsonl, and TensorBoard
+    is told to drop its events after `step` too (purge_step), so the files read as an uninterrupted run's.
     """
 
     def __init__(self, logdir: str):
         os.makedirs(logdir, exist_ok=True)
         self.logdir = logdir
-        self._tb = tensorboardX.SummaryWriter(logdir)
-        self._jsonl = open(os.path.join(logdir, "metrics.jsonl"), "a", encoding="utf-8")
+        self._purge_step = None
+        self._tb_writer = None
+        self._jsonl = None
+
+    def rewind(self, step: int) -> None:
+        rewind_jsonl(os.path.join(self.logdir, "metrics.jsonl"), "step", step)
+        self._purge_step = step + 1
+
+    @property
+    def _tb(self):
+        if self._tb_writer is None:
+            self._tb_writer = tensorboardX.SummaryWriter(self.logdir, purge_step=self._purge_step)
+        return self._tb_writer
 
     def write(self, step: int, scalars: dict[str, float]) -> None:
         scalars = {k: float(v) for k, v in scalars.items()}
         for name, value in scalars.items():
             self._tb.add_scalar(name, value, step)
+        if self._jsonl is None:
+            self._jsonl = open(os.path.join(self.logdir, "metrics.jsonl"), "a", encoding="utf-8")
         self._jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
         self._jsonl.flush()
         # tqdm.write keeps an active progress bar intact.
@@ -34,8 +49,22 @@ class MetricWriter:
         self._tb.flush()
 
     def close(self) -> None:
-        self._tb.close()
-        self._jsonl.close()
+        if self._tb_writer is not None:
+            self._tb_writer.close()
+        if self._jsonl is not None:
+            self._jsonl.close()
+
+
+def rewind_jsonl(path: str, key: str, step: int) -> None:
+    """Drops the rows of a JSONL file whose `key` is after `step` (atomically: a kill leaves the old or new file)."""
+    if not os.path.exists(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        lines = [line for line in f if line.strip() and json.loads(line)[key] <= step]
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(lines)
+    os.replace(tmp, path)
 
 
 def read_metrics(logdir: str) -> list[dict]:

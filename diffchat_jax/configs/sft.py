@@ -3,15 +3,11 @@
   python -m diffchat_jax.main --config=configs/sft.py --config.data.train=/path/to/instructpe.json
   python -m diffchat_jax.main --config=configs/sft.py:tiny      # tiny random BLOOM on the shipped sample, CPU
 """
-import os
-
 import ml_collections
 
-from configs import base
-
-# The sample ships inside the package (diffchat_jax/data/sample); configs live beside the package.
-SAMPLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                      "diffchat_jax", "data", "sample", "instructpe_sample.jsonl")
+from diffchat_jax.configs import base
+from diffchat_jax.errors import ConfigError
+from diffchat_jax.data import SAMPLE_PATH
 
 
 def get_config(arg=None):
@@ -36,7 +32,7 @@ def get_config(arg=None):
         c.model.random = ml_collections.ConfigDict({"n_layer": 2, "hidden_size": 64, "n_head": 4})
         c.model.compute_dtype = "float32"
         c.tokenizer.train_vocab_size = 1024
-        c.data.train = SAMPLE
+        c.data.train = SAMPLE_PATH
         c.data.eval_fraction = 0.1
         c.data.max_length = 192
         c.train.epochs = 25
@@ -47,5 +43,5 @@ def get_config(arg=None):
         c.eval_every = 100
         c.checkpoint_every = 100
     elif arg:
-        raise ValueError(f"configs/sft.py: unknown variant {arg!r}; known: 'tiny'")
+        raise ConfigError(f"--config=configs/sft.py: unknown variant {arg!r}; known: 'tiny'")
     return c

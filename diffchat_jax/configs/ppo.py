@@ -10,8 +10,9 @@ no_positive (plain top-p sampling instead of ADM pi+ typical sampling); no_adm (
 """
 import ml_collections
 
-from configs import base
-from configs.sft import SAMPLE
+from diffchat_jax.configs import base
+from diffchat_jax.errors import ConfigError
+from diffchat_jax.data import SAMPLE_PATH
 
 TINY_MODELS = "workdirs/tiny-models"  # python -m diffchat_jax.tiny_models (make demo builds them)
 
@@ -20,7 +21,7 @@ def get_config(arg=None):
     variants = set(arg.split(",")) if arg else set()
     known = {"tiny", "no_vci", "no_negative", "no_positive", "no_adm"}
     if variants - known:
-        raise ValueError(f"configs/ppo.py: unknown variant(s) {sorted(variants - known)}; known: {sorted(known)}")
+        raise ConfigError(f"--config=configs/ppo.py: unknown variant(s) {sorted(variants - known)}; known: {sorted(known)}")
     c = base.get_config()
     c.mode = "ppo"
     # The SFT result: its workdir (the export/ inside is used) or a transformers BLOOM folder with its tokenizer.
@@ -90,7 +91,7 @@ def get_config(arg=None):
     if "tiny" in variants:
         c.model.name_or_path = "workdirs/sft-tiny"
         c.model.compute_dtype = "float32"
-        c.data.train = SAMPLE
+        c.data.train = SAMPLE_PATH
         c.data.max_length = 192
         c.ppo.epochs = 4
         c.ppo.batch_size = 32
@@ -105,14 +106,17 @@ def get_config(arg=None):
         c.ci.threshold = 0.0  # a dense reward for the tiny model, which rarely reaches 0.7
         c.sample_log_every = 5
         c.checkpoint_every = 10
-        # Tiny random SD 1.x and scorers (16x16 images): the whole loop, images included, on CPU.
-        c.render.model = f"{TINY_MODELS}/sd"
+        # Tiny random SD 1.x and scorers (16x16 images): the whole loop, images included, on CPU. The five model
+        # paths follow `tiny_models`, so one flag moves them all (--config.tiny_models=/elsewhere).
+        c.tiny_models = TINY_MODELS
+        models = c.get_ref("tiny_models")
+        c.render.model = models + "/sd"
         c.render.num_steps = 4
         c.render.height = c.render.width = 16  # 8x8 latents: 5x faster on CPU than the pipeline's native 32x32
         c.render.batch_size = 32
         c.render.log_every = 5
-        c.reward.aesthetic.clip_model = f"{TINY_MODELS}/scorers/clip"
-        c.reward.aesthetic.mlp_weights = f"{TINY_MODELS}/scorers/aesthetic_mlp.pth"
-        c.reward.pickscore.model = f"{TINY_MODELS}/scorers/pickscore"
+        c.reward.aesthetic.clip_model = models + "/scorers/clip"
+        c.reward.aesthetic.mlp_weights = models + "/scorers/aesthetic_mlp.pth"
+        c.reward.pickscore.model = models + "/scorers/pickscore"
         c.reward.pickscore.processor = ""
     return c
