@@ -25,15 +25,16 @@ def override(config, **dotted):
     return config
 
 
-def kill_after_first_checkpoint(proc: subprocess.Popen, ckpt_dir, timeout: float = 600) -> None:
+def kill_after_first_checkpoint(proc: subprocess.Popen, ckpt_dir, timeout: float = 600, delay_s: float = 0.0) -> None:
     """Waits until `ckpt_dir` holds a finished checkpoint (orbax renames it to its step number when complete),
-    then SIGKILLs the run, as a preemption would."""
+    then `delay_s` more (a random point of the steps after it), then SIGKILLs the run, as a preemption would."""
     deadline = time.time() + timeout
     while time.time() < deadline and proc.poll() is None:
         if ckpt_dir.is_dir() and any(p.name.isdigit() for p in ckpt_dir.iterdir()):
             break
         time.sleep(0.05)
-    assert proc.poll() is None, "the run finished before it could be killed"
+    time.sleep(delay_s)
+    assert proc.poll() is None, f"the run finished before it could be killed (delay {delay_s:.2f} s)"
     proc.kill()
     proc.wait()
 

@@ -100,8 +100,8 @@ def test_cli_reports_bad_config_in_one_line(tmp_path):
 # ----- end to end ------------------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_tiny_run_learns_then_kill_interrupt_and_resume_match_uninterrupted(tiny_sft_run, tmp_path):
-    """The uninterrupted CLI run (conftest's tiny_sft_run: its eval loss must drop clearly), and one SIGKILLed after
-    its first checkpoint, resumed, stopped by Ctrl-C at a random point and resumed again: it must end with the same
+    """The uninterrupted CLI run (conftest's tiny_sft_run: its eval loss must drop clearly), and one SIGKILLed at a
+    random point after its first checkpoint, resumed, stopped by Ctrl-C at a random point and resumed again: it must end with the same
     parameters and leave the same files (checkpoints, metrics.jsonl)."""
     full, out = tiny_sft_run
     assert "checkpoints:" in out and "transformers export:" in out
@@ -111,9 +111,10 @@ def test_tiny_run_learns_then_kill_interrupt_and_resume_match_uninterrupted(tiny
 
     killed = tmp_path / "killed"
     proc = run_main(killed, *helpers.TINY_SFT_FLAGS)
-    helpers.kill_after_first_checkpoint(proc, killed / "checkpoints")
+    rng = np.random.default_rng()
+    helpers.kill_after_first_checkpoint(proc, killed / "checkpoints", delay_s=float(rng.uniform(0.0, 2.0)))
     assert not (killed / "export").exists()
-    delay = float(np.random.default_rng().uniform(0.0, 3.0))
+    delay = float(rng.uniform(0.0, 3.0))
     out = helpers.interrupt_once_running(run_main(killed, *helpers.TINY_SFT_FLAGS), killed, 60, delay)
     assert "resumed from checkpoint at step 52" in out, out
     stopped = int(out.strip().splitlines()[-1].split("interrupted at step ")[1].split()[0])
