@@ -85,10 +85,17 @@ _OVERRIDE = re.compile(r"^--(?:no)?config\.([\w.]+)")
 
 def prepare_argv(argv: list[str]) -> list[str]:
     """argv with `--config=` resolved (resolve_config_arg), after checking every `--config.a.b` override names a
-    field of that config. Raises ConfigError; argv without a --config flag is returned as is (absl reports it)."""
+    field of that config. Raises ConfigError (also for a missing --config, unless help is asked for)."""
     argv = list(argv)
+    for k, arg in enumerate(argv[:-1]):  # `--config PATH` -> `--config=PATH`
+        if arg == "--config":
+            argv[k:k + 2] = [f"--config={argv[k + 1]}"]
+            break
     config_index = next((k for k, a in enumerate(argv) if a.startswith("--config=")), None)
     if config_index is None:
+        if not any(a in ("--help", "-h", "--helpshort", "--helpfull") for a in argv[1:]):
+            raise ConfigError(f"--config is required: --config=configs/<name>.py[:variant] (packaged: "
+                              f"{packaged_configs()}) or your own config file")
         return argv
     value = resolve_config_arg(argv[config_index].split("=", 1)[1])
     argv[config_index] = f"--config={value}"

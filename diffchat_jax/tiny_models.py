@@ -25,8 +25,11 @@ def build(out_dir: str = DEFAULT_OUT) -> dict[str, str]:
 
 
 def main(argv: list[str]) -> None:
+    if len(argv) == 2 and argv[1] in ("-h", "--help"):
+        print(__doc__)
+        return
     if len(argv) > 2 or (len(argv) == 2 and argv[1].startswith("-")):
-        sys.exit(__doc__)
+        raise errors.ConfigError(f"unexpected arguments {argv[1:]}; usage: python -m diffchat_jax.tiny_models [OUT]")
     for name, path in build(argv[1] if len(argv) == 2 else DEFAULT_OUT).items():
         print(f"{name}: {path}")
 

@@ -49,6 +49,9 @@ def test_unknown_field_names_the_nearest_ones():
     with pytest.raises(errors.ConfigError, match="config.trian.lr is not a config field; did you mean config.train.lr"):
         cli.check_override(config, "trian.lr")
     cli.check_override(config, "train.lr")  # a field
+    assert cli.prepare_argv(["main", "--config", "sft:tiny"]) == ["main", f"--config={cli.CONFIG_DIR}/sft.py:tiny"]
+    with pytest.raises(errors.ConfigError, match="--config is required: --config=configs/<name>.py"):
+        cli.prepare_argv(["main", "--workdir=/tmp/x"])
     cli.check_override(config, "model.random")  # a group
 
 
@@ -181,3 +184,11 @@ def test_failed_starts_leave_the_workdir_as_it_was(tiny_sft_run, tmp_path):
         assert named in str(raised.value), (overrides, str(raised.value))
         assert "\n" not in str(raised.value), str(raised.value)
         assert tree_digest(workdir) == before, overrides
+
+
+def test_tiny_models_command_line(capsys):
+    from diffchat_jax import tiny_models
+    with pytest.raises(errors.ConfigError, match=r"unexpected arguments \['--bad'\]; usage: python -m"):
+        tiny_models.main(["tiny_models", "--bad"])
+    tiny_models.main(["tiny_models", "--help"])
+    assert "python -m diffchat_jax.tiny_models [OUT]" in capsys.readouterr().out
