@@ -125,6 +125,13 @@ def test_plans_are_seeded(references, vocab, tokenizer):
         np.testing.assert_array_equal(getattr(first, name), getattr(again, name))
     assert first.edits == again.edits
     assert not np.array_equal(first.negative, other.negative)
+    # A host that plans only its own rows (their positions in the whole batch) gets those rows' plans.
+    half = len(references) // 2
+    part = adm.make_plans(references[half:], vocab, tokenizer, seed=(7, 0), negative_fraction=0.3,
+                          positions=range(half, len(references)))
+    for name in ("negative", "ban", "steer_from", "steer_to"):
+        np.testing.assert_array_equal(getattr(part, name), getattr(first, name)[half:])
+    assert part.edits == first.edits[half:] and first.negative[half:].any()
 
 
 def test_references_without_keywords_get_no_plan(vocab, tokenizer):

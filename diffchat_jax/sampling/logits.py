@@ -83,7 +83,18 @@ def keep_mass(rank: jax.Array, probs: jax.Array, mass: float) -> jax.Array:
 
 
 def sample(key: jax.Array, logits: jax.Array) -> jax.Array:
-    """One draw per row from softmax(logits): [B, V] -> [B] int32; a -inf token is never drawn.
+    """One draw per row from softmax(logits): [B, V] -> [B] int32; a -inf token is never drawn."""
+    return sample_uniform(jax.random.uniform(key, (logits.shape[0],)), logits)
+
+
+def sample_rows(keys: jax.Array, logits: jax.Array) -> jax.Array:
+    """As `sample`, with one key per row (keys [B] typed or [B, 2] raw): a row's draw depends on its key only,
+    not on the rows beside it (how the batch is split into calls, devices or hosts)."""
+    return sample_uniform(jax.vmap(lambda k: jax.random.uniform(k, ()))(keys), logits)
+
+
+def sample_uniform(u: jax.Array, logits: jax.Array) -> jax.Array:
+    """The draw of each row of logits [B, V] given its uniform u [B] in [0, 1) -> [B] int32.
 
     Inverse CDF in two levels: a block of SAMPLE_BLOCK tokens by the blocks' cumulative mass, then a token inside it.
     One uniform per row (not B x V Gumbels: random bits dominate at large V on CPU), no cumulative sum over the
@@ -95,7 +106,7 @@ def sample(key: jax.Array, logits: jax.Array) -> jax.Array:
     probs = jnp.pad(jax.nn.softmax(logits), ((0, 0), (0, n_blocks * block - vocab)))
     blocks = probs.reshape(batch, n_blocks, block)
     cum = jnp.cumsum(blocks.sum(-1), -1)  # [B, n_blocks]
-    target = (1.0 - jax.random.uniform(key, (batch, 1))) * cum[:, -1:]  # in (0, total]
+    target = (1.0 - u[:, None]) * cum[:, -1:]  # in (0, total]
     # The first index whose cumulative mass reaches the target has positive mass; the clip guards rounding.
     b = jnp.minimum(jnp.sum(cum < target, -1), n_blocks - 1)
     before = jnp.where(b > 0, jnp.take_along_axis(cum, jnp.maximum(b - 1, 0)[:, None], -1)[:, 0], 0.0)

@@ -13,7 +13,8 @@ Step t (the number of tokens generated so far, the same for every sample):
        ban             config.banned_ids, and the ADM pi- bans (below)
        temperature, top_k, top_p, typical: the warpers; skipped when greedy (as in transformers).
      typical is ADM pi+ (eq. 3): it applies to every sample that is not a pi- negative.
-  2. Draw with key fold_in(key, t) (logits.sample), or argmax when greedy.
+  2. Draw with the row's key fold_in(fold_in(key, position), t) (logits.sample_rows), or argmax when greedy: a
+     row's tokens depend on its position in the global batch, not on how the batch is split into calls or hosts.
   3. ADM pi- (eq. 4), the contract of diffchat_jax/text/adm.py, per sample (only negatives have rows):
        ban:   a row s bans s[-1] while the response so far ends with s[:-1]; the last L - 1 response tokens are in
               the loop carry, so multi-token rows are a small state machine.
@@ -191,11 +192,12 @@ def push(rows: jax.Array, column: jax.Array) -> jax.Array:
     return jnp.concatenate([rows, column[:, None]], 1)[:, 1:]
 
 
-def step(carry: Carry, logits: jax.Array, key: jax.Array, config: SamplingConfig, rules: Rules) -> Carry:
-    """Chooses and records token carry.step of every sample from its model logits [B, V] float32."""
+def step(carry: Carry, logits: jax.Array, row_keys: jax.Array, config: SamplingConfig, rules: Rules) -> Carry:
+    """Chooses and records token carry.step of every sample from its model logits [B, V] float32; row_keys [B, 2]."""
     t = carry.step
     logits = transform(logits, config, t, banned_tokens(rules, carry.recent), rules.negative)
-    drawn = jnp.argmax(logits, -1) if config.greedy else logits_lib.sample(jax.random.fold_in(key, t), logits)
+    drawn = (jnp.argmax(logits, -1) if config.greedy else
+             logits_lib.sample_rows(jax.vmap(jax.random.fold_in, (0, None))(row_keys, t), logits))
     hit = rules.steer_first == drawn[:, None]  # [B, K], at most one True: first tokens are unique
     steer = hit.any(-1)
     target = jnp.take_along_axis(rules.steer_to, jnp.argmax(hit, -1)[:, None, None], 1)[:, 0]  # [B, L]
@@ -228,21 +230,25 @@ def forward(model: bloom.Bloom, params, ids: jax.Array, attention: jax.Array, ca
 
 @functools.partial(jax.jit, static_argnames=("model", "config"))
 def generate(model: bloom.Bloom, params, prompt_ids: jax.Array, prompt_mask: jax.Array, key: jax.Array,
-             config: SamplingConfig, plan: Plan | None = None) -> Rollout:
+             config: SamplingConfig, plan: Plan | None = None, positions: jax.Array | None = None) -> Rollout:
     """Samples up to config.max_new_tokens tokens after each prompt (see the module docstring).
 
     Args:
         model, params: a bloom.Bloom (a value head is ignored) and its params.
         prompt_ids: [B, P] int32, LEFT-padded: every prompt ends at column P - 1.
         prompt_mask: [B, P] int, 1 on the prompt tokens.
-        key: PRNG key; step t draws with fold_in(key, t) (unused when greedy).
+        key: PRNG key; row b draws token t with fold_in(fold_in(key, positions[b]), t) (unused when greedy).
         config: static settings.
         plan: ADM pi- plans (Plan.from_adm); None = no sample is a negative.
+        positions: [B] int32, each row's position in the whole batch (when it is sampled in several calls or on
+            several hosts); None = 0 .. B - 1.
     Returns: Rollout, each field [B, config.max_new_tokens].
     """
     batch, prompt_len = prompt_ids.shape
     n = config.max_new_tokens
     rules = make_rules(Plan.empty(batch) if plan is None else plan)
+    positions = jnp.arange(batch, dtype=jnp.int32) if positions is None else positions
+    row_keys = jax.vmap(jax.random.fold_in, (None, 0))(key, positions)
     slots = prompt_len + n - 1  # the last token is never fed back
     attention = jnp.zeros((batch, slots), jnp.int32).at[:, :prompt_len].set(prompt_mask)
     cache = bloom.init_cache(model.config, batch, slots)
@@ -252,12 +258,12 @@ def generate(model: bloom.Bloom, params, prompt_ids: jax.Array, prompt_mask: jax
     carry = Carry(step=jnp.int32(0), out=empty, done=jnp.zeros(batch, bool), token=jnp.zeros(batch, jnp.int32),
                   attention=attention, cache=cache, recent=jnp.full(rules.ban_context.shape[::2], -1, jnp.int32),
                   queue=jnp.full(rules.steer_to.shape[::2], -1, jnp.int32))
-    carry = step(carry, logits, key, config, rules)
+    carry = step(carry, logits, row_keys, config, rules)
 
     def body(carry):
         slot = prompt_len + carry.step - 1  # where the token just recorded goes
         attention = carry.attention.at[:, slot].set(1)
         logits, cache = forward(model, params, carry.token[:, None], attention, carry.cache, slot)
-        return step(carry.replace(attention=attention, cache=cache), logits, key, config, rules)
+        return step(carry.replace(attention=attention, cache=cache), logits, row_keys, config, rules)
 
     return lax.while_loop(lambda c: (c.step < n) & ~jnp.all(c.done), body, carry).out

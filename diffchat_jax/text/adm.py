@@ -151,23 +151,27 @@ def fill(out: np.ndarray, rows: Sequence[list[int]]) -> None:
 
 def make_plans(references: Sequence[str], vocab: KeywordVocab, tokenizer, *, seed, negative_fraction: float = 0.04,
                remove_prob: float = 0.5, keywords_per_negative: int = 1, max_sequences: int = 8,
-               max_tokens: int = 8) -> AdmPlan:
+               max_tokens: int = 8, positions: Sequence[int] | None = None) -> AdmPlan:
     """The pi- plans of a batch (see the module docstring); the keyword args are `config.adm`.
 
     Args:
         references: B CI references (y_o, or y where the data has none: `integrity.ci_reference(e)[2]`).
         vocab: from `build_vocab` on the training set.
         tokenizer: the policy's tokenizer.
-        seed: anything np.random.default_rng takes, e.g. (config.seed, step): the same seed, the same plans.
+        seed: an int or tuple of ints, e.g. (config.seed, step): the same seed, the same plans.
+        positions: each reference's position in the whole batch (when a host plans its own rows); None = 0 .. B-1.
+            Row b draws from its own generator, seeded by (seed, positions[b]), so its plan does not depend on
+            the rows beside it.
     """
-    rng = np.random.default_rng(seed)
     batch = len(references)
-    chosen = rng.random(batch) < negative_fraction
+    positions = range(batch) if positions is None else positions
+    rngs = [np.random.default_rng([*np.ravel(seed).tolist(), int(p)]) for p in positions]
+    chosen = np.array([rng.random() < negative_fraction for rng in rngs], bool)
     ban = np.full((batch, max_sequences, max_tokens), -1, np.int32)
     steer_from, steer_to = ban.copy(), ban.copy()
     edits = [()] * batch
     for b in np.flatnonzero(chosen):
-        sample_edits = plan_edits(references[b], vocab, rng, keywords_per_negative, remove_prob)
+        sample_edits = plan_edits(references[b], vocab, rngs[b], keywords_per_negative, remove_prob)
         bans, steers = token_rows(sample_edits, tokenizer, max_tokens)
         fill(ban[b], bans)
         fill(steer_from[b], [f for f, _ in steers])
