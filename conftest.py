@@ -60,3 +60,16 @@ def tiny_model_paths(tmp_path_factory) -> dict[str, str]:
 def tiny_sd(tiny_model_paths) -> str:
     """The random tiny SD 1.x pipeline folder in the diffusers layout (diffchat_jax.diffusion.tiny, size "tiny")."""
     return tiny_model_paths["sd"]
+
+
+@pytest.fixture(scope="session")
+def sft_dir(tiny_sft_run) -> str:
+    """The tiny SFT model to start PPO from (the 8-epoch run above: PPO only needs a sensible start)."""
+    return str(tiny_sft_run[0])
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tiny_model_paths) -> dict[str, str]:
+    """The tiny random SD pipeline and scorers of `python -m diffchat_jax.tiny_models`, as the one config override
+    ppo.py:tiny needs (`tiny_models`: the folder; the five model paths follow it)."""
+    return {"tiny_models": os.path.dirname(tiny_model_paths["sd"])}

@@ -19,6 +19,9 @@ class UserError(Exception):
     """Input the user can fix; the message names the file, row or field and, where it helps, what to do."""
     exit_code = 2
     label = "error"  # the printed line's first word
+    # True for errors that every process of a multi-host job raises at the same point (a coordinated stop): they
+    # exit normally; any other error ends the other processes too (utils/distributed.py).
+    on_every_process = False
 
 
 class ConfigError(UserError, ValueError):
@@ -74,15 +77,36 @@ def report(error: BaseException) -> int:
 
 
 def run_command(fn, *args, **kwargs):
-    """Runs an entry point's body; user and known library errors become one line and their exit code."""
+    """Runs an entry point's body; user and known library errors become one line and their exit code. In a job of
+    several processes (utils/distributed.py) every error also ends the other processes, with this line."""
     try:
         return fn(*args, **kwargs)
-    except UserError as e:
-        sys.exit(report(e))
-    except _library_errors() as e:
-        sys.exit(report(e))
+    except (UserError, *_library_errors()) as e:
+        code = report(e)
+        if getattr(e, "on_every_process", False):
+            sys.exit(code)
+        _exit(code, f"{getattr(e, 'label', 'error')}: {describe(e)}")
     except KeyboardInterrupt as e:  # Ctrl-C outside a training loop (which saves a checkpoint and stops itself)
         if wants_traceback():
             traceback.print_exception(e)
         print("stopped: interrupted (Ctrl-C)", file=sys.stderr)
-        sys.exit(130)
+        _exit(130, "stopped: interrupted (Ctrl-C)")
+    except Exception as e:
+        from diffchat_jax.utils import distributed
+        if not distributed.active():
+            raise
+        import jax
+        if isinstance(e, jax.errors.JaxRuntimeError):  # a collective with a process that is gone
+            line = (f"error: a collective across the job's processes failed; another process has probably "
+                    f"stopped or been killed (see its log): {describe(e)}")
+            print(line, file=sys.stderr)
+            _exit(2, line)
+        traceback.print_exception(e)
+        _exit(1, f"{describe(e)} (traceback above)")
+
+
+def _exit(code: int, line: str):
+    from diffchat_jax.utils import distributed
+    if distributed.active():
+        distributed.report_failure(line, code)
+    sys.exit(code)

@@ -14,6 +14,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from diffchat_jax import cli, errors
+from diffchat_jax.utils import distributed
 
 # config.mode -> the module whose train_and_evaluate(config, workdir) runs it (imported on demand).
 TRAINERS = {"sft": "diffchat_jax.sft.trainer", "ppo": "diffchat_jax.rl.trainer"}
@@ -40,9 +41,7 @@ def default_workdir(config_arg: str) -> str:
 def run_job(config, workdir: str, allow_config_change: bool = False):
     if config.mode not in TRAINERS:
         raise errors.ConfigError(f"config.mode {config.mode!r} is not one of {sorted(TRAINERS)}")
-    if config.distributed:
-        import jax
-        jax.distributed.initialize()
+    distributed.initialize(config.distributed)  # before any other JAX call; one process: nothing to do
     trainer = importlib.import_module(TRAINERS[config.mode])
     return trainer.train_and_evaluate(config, workdir, allow_config_change=allow_config_change)
 

@@ -120,3 +120,49 @@ def assert_same_outputs(expected, actual) -> None:
         for png in pngs:
             a, b = (np.asarray(Image.open(root / "images" / folder / png)) for root in (expected, actual))
             assert np.abs(a.astype(int) - b.astype(int)).max() <= 1, (folder, png)
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_processes(config_arg: str, workdir, *flags, processes: int = 2, devices: int = 4,
+                    per_process=None) -> list[subprocess.Popen]:
+    """`main` as a job of `processes` processes on localhost (jax.distributed, CPU collectives over gloo), each
+    with `devices` CPU devices; per_process(i) -> extra flags of process i. processes=1: one plain process."""
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
+    port = free_port()
+    procs = []
+    for i in range(processes):
+        job = ([f"--config.distributed.coordinator_address=127.0.0.1:{port}",
+                f"--config.distributed.num_processes={processes}", f"--config.distributed.process_id={i}"]
+               if processes > 1 else [])
+        cmd = [sys.executable, "-m", "diffchat_jax.main", f"--config={config_arg}", f"--workdir={workdir}", *flags,
+               *job, *(per_process(i) if per_process else [])]
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      text=True))
+    return procs
+
+
+def wait_all(procs: list[subprocess.Popen], timeout: float = 900) -> list[str]:
+    """Waits for every process; returns their outputs (fails, showing them, unless all exited 0)."""
+    outs = [p.communicate(timeout=timeout)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n\n".join(f"[process {i}: exit {p.returncode}]\n{o[-4000:]}"
+                                                              for i, (p, o) in enumerate(zip(procs, outs)))
+    return outs
+
+
+def load_checkpoint(folder):
+    """The `state` tree of an orbax checkpoint folder (checkpoints/N) as numpy, whatever topology saved it."""
+    import jax
+    import orbax.checkpoint as ocp
+    checkpointer = ocp.StandardCheckpointer()
+    path = pathlib.Path(folder).absolute() / "state"
+    meta = checkpointer.metadata(path)
+    tree = getattr(getattr(meta, "item_metadata", meta), "tree", getattr(meta, "item_metadata", meta))
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)
+    return jax.tree.map(np.asarray, checkpointer.restore(path, target))

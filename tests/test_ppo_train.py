@@ -1,6 +1,5 @@
 """PPO end to end on the tiny config: it learns, resumes exactly after a kill, and handles non-finite rewards."""
 import json
-import os
 
 import jax
 import numpy as np
@@ -12,7 +11,7 @@ from diffchat_jax.configs import ppo as ppo_config
 from tests import helpers
 from diffchat_jax.rewards import base as reward_base, combine
 from diffchat_jax.rl import learner as learner_lib, trainer
-from diffchat_jax.text import keywords
+from diffchat_jax.text import adm, keywords
 from diffchat_jax.utils import mesh as mesh_lib, metrics as metrics_lib
 
 pytestmark = pytest.mark.skipif(not keywords.wordnet_available(), reason="NLTK WordNet is not installed")
@@ -25,19 +24,6 @@ def finish(proc, timeout=900):
     out, _ = proc.communicate(timeout=timeout)
     assert proc.returncode == 0, out
     return out
-
-
-@pytest.fixture(scope="module")
-def sft_dir(tiny_sft_run):
-    """The tiny SFT model to start PPO from (conftest's 8-epoch run: PPO only needs a sensible start)."""
-    return str(tiny_sft_run[0])
-
-
-@pytest.fixture(scope="module")
-def tiny_models(tiny_model_paths):
-    """The tiny random SD pipeline and scorers of `python -m diffchat_jax.tiny_models`, as the one config override
-    ppo.py:tiny needs (`tiny_models`: the folder; the five model paths follow it)."""
-    return {"tiny_models": os.path.dirname(tiny_model_paths["sd"])}
 
 
 def tiny_config(sft_dir, **overrides):
@@ -139,23 +125,26 @@ def test_kill_interrupt_and_resume_match_uninterrupted(ppo_cli_run, tmp_path):
 
 
 def test_rollout_in_chunks_keeps_every_row(sft_dir):
-    """ppo.rollout_batch_size: the batch sampled in calls of 8 rows gives the rows of one call (greedy decoding,
-    so the draws' keys do not matter), in order; the memory report then sizes the rollout by the chunk."""
-    config = tiny_config(sft_dir, **{"sampling.greedy": True, "adm.negative": False})
+    """ppo.rollout_batch_size: the batch sampled in calls of 8 rows gives the tokens of one call, in order, with
+    typical sampling and ADM pi- plans (a row's draws depend on its position in the batch, not on its call: what
+    also makes hosts that sample their own rows agree); the memory report then sizes the rollout by the chunk."""
+    config = tiny_config(sft_dir, **{"adm.negative_fraction": 0.5})
     prompts = trainer.load_prompts(config)
     rows = np.arange(32)
     ids, mask = trainer.left_padded_prompts(prompts.data, rows, prompts.prompt_length,
                                             prompts.tokenizer.pad_token_id)
+    plans = adm.make_plans([prompts.references[r][2] for r in rows], prompts.vocab, prompts.tokenizer, seed=0,
+                           negative_fraction=0.5)
     outputs, rollout_rows = [], []
     for chunk in (0, 8):
         config.ppo.rollout_batch_size = chunk
         learner = learner_lib.Learner(config, mesh_lib.make_mesh(), prompt_length=prompts.prompt_length,
                                       tokenizer=prompts.tokenizer)
-        outputs.append(learner.rollout(ids, mask, None, jax.random.PRNGKey(0)))
+        outputs.append(learner.rollout(ids, mask, plans, jax.random.PRNGKey(0), rows))
         rollout_rows.append(learner.device_steps()[0].args[2].shape[0])
     np.testing.assert_array_equal(outputs[1][0], outputs[0][0])
     np.testing.assert_array_equal(outputs[1][1], outputs[0][1])
-    assert outputs[0][1].sum(1).min() > 0 and rollout_rows == [32, 8]
+    assert outputs[0][1].sum(1).min() > 0 and rollout_rows == [32, 8] and plans.negative.sum() > 4
 
 
 @reward_base.register("nan_for_sample_1")

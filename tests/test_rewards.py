@@ -17,7 +17,7 @@ def constant(name, values):
 
 def test_weighted_sum():
     scores = {"a": np.array([1.0, 2.0, 3.0]), "b": np.array([0.5, 0.0, -1.0])}
-    reward, valid = combine.combine(scores, {"a": 2.0, "b": 4.0}, BATCH, "error")
+    reward, valid = combine.combine(scores, {"a": 2.0, "b": 4.0}, BATCH.responses, "error")
     np.testing.assert_allclose(reward, [4.0, 4.0, 2.0])
     assert valid.all()
 
@@ -25,12 +25,12 @@ def test_weighted_sum():
 def test_nonfinite_error_names_component_and_sample():
     scores = {"a": np.array([1.0, np.nan, 3.0])}
     with pytest.raises(combine.NonFiniteReward, match=r"'a' is nan for sample 1 \(response 'a horse in a field'\)"):
-        combine.combine(scores, {"a": 1.0}, BATCH, "error")
+        combine.combine(scores, {"a": 1.0}, BATCH.responses, "error")
 
 
 def test_nonfinite_mask_drops_the_sample_and_keeps_it_out_of_the_moments():
     scores = {"a": np.array([1.0, np.inf, 3.0]), "b": np.array([1.0, 1.0, np.nan])}
-    reward, valid = combine.combine(scores, {"a": 1.0, "b": 1.0}, BATCH, "mask")
+    reward, valid = combine.combine(scores, {"a": 1.0, "b": 1.0}, BATCH.responses, "mask")
     np.testing.assert_array_equal(valid, [True, False, False])
     np.testing.assert_allclose(reward, [2.0, 0.0, 0.0])
     normalized, moments = combine.normalize(reward, valid, combine.Moments(), "none", 0.0)

@@ -1,12 +1,10 @@
 """SFT trainer: the loss, gradient accumulation, config checks, the tiny run end to end, kill/resume, 8 devices."""
-import os
 import textwrap
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import safetensors.numpy
 
 from diffchat_jax.configs import sft as sft_config
 from tests import helpers
@@ -21,10 +19,6 @@ def tiny_config(**overrides):
 
 def run_main(workdir, *flags):
     return helpers.start_main("configs/sft.py:tiny", workdir, *flags)
-
-
-def exported_params(workdir):
-    return safetensors.numpy.load_file(os.path.join(workdir, "export", "model.safetensors"))
 
 
 # ----- loss ------------------------------------------------------------------------------------------------------
@@ -99,35 +93,14 @@ def test_cli_reports_bad_config_in_one_line(tmp_path):
 
 # ----- end to end ------------------------------------------------------------------------------------------------
 @pytest.mark.slow
-def test_tiny_run_learns_then_kill_interrupt_and_resume_match_uninterrupted(tiny_sft_run, tmp_path):
-    """The uninterrupted CLI run (conftest's tiny_sft_run: its eval loss must drop clearly), and one SIGKILLed at a
-    random point after its first checkpoint, resumed, stopped by Ctrl-C at a random point and resumed again: it must end with the same
-    parameters and leave the same files (checkpoints, metrics.jsonl)."""
+def test_tiny_run_learns(tiny_sft_run):
+    """The uninterrupted CLI run (conftest's tiny_sft_run): its eval loss must drop clearly. (Kill, Ctrl-C and
+    resume of SFT: tests/test_multihost.py, on the same training loop with two processes.)"""
     full, out = tiny_sft_run
     assert "checkpoints:" in out and "transformers export:" in out
     evals = [row["eval_loss"] for row in metrics_lib.read_metrics(full) if "eval_loss" in row]
     # Starts near ln(1024) = 6.93 nats (uniform over the vocabulary); 8 epochs take it below 5.4 (measured 4.76).
     assert evals[-1] < evals[0] - 1.5, evals
-
-    killed = tmp_path / "killed"
-    proc = run_main(killed, *helpers.TINY_SFT_FLAGS)
-    rng = np.random.default_rng()
-    helpers.kill_after_first_checkpoint(proc, killed / "checkpoints", delay_s=float(rng.uniform(0.0, 2.0)))
-    assert not (killed / "export").exists()
-    delay = float(rng.uniform(0.0, 3.0))
-    out = helpers.interrupt_once_running(run_main(killed, *helpers.TINY_SFT_FLAGS), killed, 60, delay)
-    assert "resumed from checkpoint at step 52" in out, out
-    stopped = int(out.strip().splitlines()[-1].split("interrupted at step ")[1].split()[0])
-    assert 60 < stopped < 104 and (killed / "checkpoints" / str(stopped)).is_dir(), (stopped, delay)
-    proc = run_main(killed, *helpers.TINY_SFT_FLAGS)
-    out, _ = proc.communicate(timeout=600)
-    assert proc.returncode == 0, out
-    assert f"resumed from checkpoint at step {stopped}" in out, out
-    full_params, resumed_params = exported_params(full), exported_params(killed)
-    assert full_params.keys() == resumed_params.keys()
-    for name in full_params:
-        np.testing.assert_allclose(resumed_params[name], full_params[name], rtol=1e-6, atol=1e-7, err_msg=name)
-    helpers.assert_same_outputs(full, killed)
 
 
 MULTI_DEVICE_SCRIPT = textwrap.dedent("""

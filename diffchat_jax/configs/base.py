@@ -6,8 +6,16 @@ def get_config():
     c = ml_collections.ConfigDict()
     c.mode = ""  # set by the mode file: "sft", "ppo", ...
     c.seed = 0
-    # Initialise jax.distributed (multi-host runs); single-host runs leave it off.
-    c.distributed = False
+    # Many hosts (diffchat_jax/utils/distributed.py; README "Many hosts"): one process per host on JAX's
+    # multi-controller runtime. Empty fields are detected on SLURM, Open MPI and TPU pods; elsewhere set all three.
+    c.distributed = ml_collections.ConfigDict()
+    c.distributed.coordinator_address = ""  # HOST:PORT of process 0 (it serves there); "" = detect
+    c.distributed.num_processes = 0  # 0 = detect (one process when no cluster is detected); 1 = off
+    c.distributed.process_id = -1  # this process, 0 .. num_processes - 1; -1 = detect
+    c.distributed.detect = "auto"  # "auto", "off", or a jax cluster_detection_method ("slurm", "ompi", "mpi4py")
+    c.distributed.initialization_timeout_s = 300  # stop when not every process has joined by then
+    c.distributed.heartbeat_timeout_s = 100  # jax ends the job this long after a process was lost
+    c.distributed.log_all_processes = False  # False: only process 0 prints (errors always reach stderr)
     # The device mesh (diffchat_jax/utils/mesh.py): batches split over every device; params and optimizer state
     # replicated (fsdp 1) or split over groups of `fsdp` devices (GSPMD), for models that do not fit replicated.
     c.mesh = ml_collections.ConfigDict({"fsdp": 1})

@@ -8,7 +8,7 @@ Normalisation uses running moments over all rewards seen so far (kept in the che
 `"none"`, `"scale"` (divide by the running std, the reward scaling of trlx/TRL) or `"standardize"`.
 """
 import dataclasses
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -55,16 +55,17 @@ def score_components(components: Mapping[str, Component], batch: RewardBatch) ->
     return scores
 
 
-def combine(scores: Mapping[str, np.ndarray], weights: Mapping[str, float], batch: RewardBatch,
+def combine(scores: Mapping[str, np.ndarray], weights: Mapping[str, float], responses: Sequence[str],
             on_nonfinite: str) -> tuple[np.ndarray, np.ndarray]:
-    """Weighted sum of component scores -> (reward [B] float64, valid [B] bool)."""
-    valid = np.ones(len(batch), bool)
+    """Weighted sum of component scores [B] -> (reward [B] float64, valid [B] bool); `responses` name a sample
+    in the error."""
+    valid = np.ones(len(responses), bool)
     for name, s in scores.items():
         bad = ~np.isfinite(s)
         if bad.any() and on_nonfinite == "error":
             b = int(np.flatnonzero(bad)[0])
             raise NonFiniteReward(f"reward component {name!r} is {s[b]} for sample {b} "
-                                  f"(response {batch.responses[b]!r}); set reward.on_nonfinite='mask' to drop "
+                                  f"(response {responses[b]!r}); set reward.on_nonfinite='mask' to drop "
                                   f"such samples instead")
         valid &= ~bad
     total = sum(weights[name] * np.where(valid, s, 0.0) for name, s in scores.items())

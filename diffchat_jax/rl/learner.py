@@ -1,9 +1,9 @@
 """The PPO learner (paper section 3.3): built once from the config, one method per stage of an iteration.
 
     learner = Learner(config, mesh, prompt_length=P, tokenizer=tokenizer, total_iterations=I)
-    tokens, mask = learner.rollout(prompt_ids, prompt_mask, plans, key)   # jitted sampler with ADM pi+ / pi-
+    tokens, mask = learner.rollout(prompt_ids, prompt_mask, plans, key, positions)  # sampler, ADM pi+ / pi-
     images, seeds = learner.render(responses, iteration)                   # SD 1.x, when an image reward is on
-    scored = learner.score(reward_batch)                                   # components -> one scalar per sample
+    scored = learner.score(reward_batch, all_responses)                    # components -> one scalar per sample
     exp, stats = learner.experience(batch)                                 # jitted: log-probs, V, KL, GAE + VCI
     stats = learner.update(exp, key)                                       # jitted: PPO epochs; then adapt_kl
 
@@ -11,7 +11,9 @@ State: `learner.state` (on the devices: the trainable params and their optimizer
 `learner.host` (HostState: the KL coefficient and the running reward moments, plain floats on the host). Both go
 into every checkpoint (orbax: the device tree as arrays, the host state as JSON).
 
-Everything placed on devices uses the one `mesh` passed in: the policy and reference, the renderer, the scorers.
+Everything placed on devices uses the one `mesh` passed in: the policy and reference on all of it, the renderer and
+the scorers on its devices of this process (`mesh.process_local`; the same mesh with one process). With several
+processes each stage takes this process's rows of the global batch; `score` gathers the rewards of all rows.
 `Learner(..., abstract=True)` builds the same learner from the checkpoints' configs alone (no weights are read):
 its `memory_report()` compiles every jitted step on abstract arguments and reads what XLA says they need.
 """
@@ -28,7 +30,7 @@ from diffchat_jax.rewards import base as reward_base, combine
 from diffchat_jax.rewards import ci as _ci, image as _image  # noqa: F401  (register "ci", "aesthetic", "pickscore")
 from diffchat_jax.rl import kl as kl_lib, ppo
 from diffchat_jax.sampling import rollout
-from diffchat_jax.utils import aot, mesh as mesh_lib, optim
+from diffchat_jax.utils import aot, distributed, mesh as mesh_lib, optim
 from diffchat_jax.utils.validate import DTYPES, ConfigError
 
 
@@ -119,8 +121,10 @@ class Learner:
             rollout.SamplingConfig.from_config(config.sampling, eos, pad),
             typical_mass=config.sampling.typical_mass if config.adm.positive else 1.0, banned_ids=special)
 
-        self.renderer = build_renderer(config, mesh, abstract) if renders_images(config) else None
-        self.components = {name: reward_base.make_component(name, config, mesh, abstract)
+        # The reward models run on each process's own devices, on its own rows.
+        local = mesh_lib.process_local(mesh)
+        self.renderer = build_renderer(config, local, abstract) if renders_images(config) else None
+        self.components = {name: reward_base.make_component(name, config, local, abstract)
                            for name in config.reward.components}
         self.weights = dict(config.reward.components)
 
@@ -134,24 +138,27 @@ class Learner:
         return ppo.merge(self.state.trainable, self.frozen)
 
     # ----- the stages ------------------------------------------------------------------------------------------
-    def rollout(self, prompt_ids: np.ndarray, prompt_mask: np.ndarray, plans, key) -> tuple[np.ndarray, np.ndarray]:
-        """Left-padded prompts [B, P] and ADM pi- plans (adm.AdmPlan or None) -> (response ids, mask) [B, N].
+    def rollout(self, prompt_ids: np.ndarray, prompt_mask: np.ndarray, plans, key,
+                positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """This process's left-padded prompts [B_local, P], their ADM pi- plans (adm.AdmPlan or None) and their
+        positions in the global batch [B_local] -> (response ids, mask) [B_local, N].
 
-        In calls of `ppo.rollout_batch_size` rows (0 = all B at once; chunk c draws with fold_in(key, c))."""
-        size = self.config.ppo.rollout_batch_size or len(prompt_ids)
+        In calls of `ppo.rollout_batch_size` global rows (0 = the whole batch at once); every process calls
+        together with its share. A row's draws depend on `key` and its position only (rollout.generate)."""
+        p = self.config.ppo
+        size = (p.rollout_batch_size or p.batch_size) // jax.process_count()  # this process's rows per call
         plan = None if plans is None else rollout.Plan.from_adm(plans)
         tokens, masks = [], []
-        for chunk, start in enumerate(range(0, len(prompt_ids), size)):
+        for start in range(0, len(prompt_ids), size):
             rows = slice(start, start + size)
-            ids, mask = mesh_lib.shard_batch((prompt_ids[rows], prompt_mask[rows]), self.mesh)
+            ids, mask, rows_positions = mesh_lib.shard_batch(
+                (prompt_ids[rows], prompt_mask[rows], positions[rows].astype(np.int32)), self.mesh)
             rows_plan = None if plan is None else mesh_lib.shard_batch(jax.tree.map(lambda x: x[rows], plan),
                                                                        self.mesh)
-            chunk_key = key if size == len(prompt_ids) else jax.random.fold_in(key, chunk)
-            out = rollout.generate(self.module, self.policy_params, ids, mask, self._replicated(chunk_key),
-                                   self.sampling, rows_plan)
-            chunk_tokens, chunk_mask = jax.device_get((out.tokens, out.mask))
-            tokens.append(chunk_tokens)
-            masks.append(chunk_mask)
+            out = rollout.generate(self.module, self.policy_params, ids, mask, self._replicated(key),
+                                   self.sampling, rows_plan, rows_positions)
+            tokens.append(mesh_lib.local_rows(out.tokens))
+            masks.append(mesh_lib.local_rows(out.mask))
         return np.concatenate(tokens), np.concatenate(masks)
 
     def render(self, responses: list[str], iteration: int) -> tuple[np.ndarray | None, np.ndarray | None]:
@@ -163,11 +170,13 @@ class Learner:
         images = self.renderer(np.repeat(responses, seeds.shape[1]).tolist(), seeds.reshape(-1))
         return images.reshape(*seeds.shape, *images.shape[1:]), seeds
 
-    def score(self, batch: reward_base.RewardBatch) -> Scored:
-        """Every component on the batch, combined, normalised with the running moments (which it updates)."""
+    def score(self, batch: reward_base.RewardBatch, responses: list[str]) -> Scored:
+        """Every component on this process's rows, gathered over the processes into the whole batch, combined and
+        normalised with the running moments (which it updates, the same on every process). `responses`: those
+        of the whole batch (distributed.gather_objects), named in errors. Returns the whole batch's Scored."""
         r = self.config.reward
-        scores = combine.score_components(self.components, batch)
-        raw, valid = combine.combine(scores, self.weights, batch, r.on_nonfinite)
+        scores = {k: distributed.gather_rows(v) for k, v in combine.score_components(self.components, batch).items()}
+        raw, valid = combine.combine(scores, self.weights, responses, r.on_nonfinite)
         reward, moments = combine.normalize(raw, valid, self.host.moments, r.normalize, r.clip)
         self.host = dataclasses.replace(self.host, moments=moments)
         return Scored(scores, raw, reward, valid)
@@ -206,10 +215,11 @@ class Learner:
             plan = mesh_lib.shard_batch(rollout.Plan(negative=s((rollout_rows,), jnp.bool_), ban=rows,
                                                      steer_from=rows, steer_to=rows), self.mesh)
         params = aot.abstract(self.policy_params)
-        steps = [aot.Step("rollout", rollout.generate, (self.module, params, *prompts, key, self.sampling, plan),
-                          resident=(1,))]
-        if self.renderer is not None:
-            n_images = batch_size * c.render.images_per_prompt
+        positions = mesh_lib.shard_batch(s((rollout_rows,), jnp.int32), self.mesh)
+        steps = [aot.Step("rollout", rollout.generate,
+                          (self.module, params, *prompts, key, self.sampling, plan, positions), resident=(1,))]
+        if self.renderer is not None:  # each process renders and scores its own rows
+            n_images = batch_size // jax.process_count() * c.render.images_per_prompt
             steps += self.renderer.device_steps(n_images)
             for component in self.components.values():
                 if component.device_steps is not None:

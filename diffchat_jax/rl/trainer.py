@@ -27,7 +27,7 @@ from diffchat_jax.sampling import rollout as rollout_lib
 from diffchat_jax.rl.learner import HostState, Learner, renders_images, resolve_model_dir
 from diffchat_jax.text import adm, integrity, keywords
 from diffchat_jax.train import loop, run_config
-from diffchat_jax.utils import mesh as mesh_lib, metrics as metrics_lib
+from diffchat_jax.utils import distributed, mesh as mesh_lib, metrics as metrics_lib
 from diffchat_jax.utils.validate import DTYPES, check_data_source, check_model_source, one_of, require
 
 
@@ -140,15 +140,17 @@ def load_prompts(config) -> Prompts:
 # ---------------------------------------------------------------------------------------------------------------
 # Logging.
 # ---------------------------------------------------------------------------------------------------------------
-def log_samples(path: str, iteration: int, prompts: Prompts, rows, responses, scores, reward, plans, count: int):
+def log_samples(path: str, iteration: int, prompts: Prompts, rows, responses, scores, reward, negatives, edits,
+                count: int):
+    """The first `count` rows of the batch: rows, responses, scores, reward [B]; negatives [B] bool (or empty: no
+    ADM pi-); edits: per row, the pi- [keyword, replacement] pairs."""
     with open(path, "a", encoding="utf-8") as f:
         for b in range(min(count, len(rows))):
             ex = prompts.examples[prompts.data.example_index[rows[b]]]
             f.write(json.dumps({
                 "iteration": iteration, "x": ex.x, "i": ex.i, "y_reference": ex.y, "response": responses[b],
                 "reward": float(reward[b]), **{k: float(v[b]) for k, v in scores.items()},
-                "negative": bool(plans.negative[b]) if plans is not None else False,
-                "edits": [[e.keyword.lemma, e.replacement] for e in plans.edits[b]] if plans is not None else [],
+                "negative": bool(negatives[b]) if len(negatives) else False, "edits": edits[b],
             }) + "\n")
 
 
@@ -200,7 +202,10 @@ def train_and_evaluate(config, workdir: str, mesh=None, allow_config_change: boo
         learner.state, learner.host = state, HostState.from_json(host)
         epoch, index = divmod(it, iterations_per_epoch)
         order = np.random.default_rng((config.seed, epoch)).permutation(len(prompts.data))
-        rows = order[index * p.batch_size:(index + 1) * p.batch_size]
+        # The global batch, the same on every process; host stages run on this process's part of it.
+        mine = mesh_lib.process_rows(mesh, p.batch_size)
+        rows = order[index * p.batch_size:(index + 1) * p.batch_size][mine]
+        positions = np.arange(p.batch_size)[mine]
         rollout_key, update_key = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(config.seed), it))
         times = {}
 
@@ -212,13 +217,14 @@ def train_and_evaluate(config, workdir: str, mesh=None, allow_config_change: boo
         plans = adm.make_plans([ref[2] for ref in refs], prompts.vocab, tokenizer, seed=(config.seed, it),
                                negative_fraction=config.adm.negative_fraction, remove_prob=config.adm.remove_prob,
                                keywords_per_negative=config.adm.keywords_per_negative,
-                               max_sequences=config.adm.max_sequences,
-                               max_tokens=config.adm.max_tokens) if config.adm.negative else None
-        response_ids, response_mask = learner.rollout(prompt_ids, prompt_mask, plans, rollout_key)
+                               max_sequences=config.adm.max_sequences, max_tokens=config.adm.max_tokens,
+                               positions=positions) if config.adm.negative else None
+        response_ids, response_mask = learner.rollout(prompt_ids, prompt_mask, plans, rollout_key, positions)
         lengths = response_mask.sum(1)
         times["rollout"] = time.perf_counter() - t0
         responses = [s.strip() for s in tokenizer.batch_decode(
             [r[:n] for r, n in zip(response_ids, lengths)], skip_special_tokens=True)]
+        all_responses = distributed.gather_objects(responses)
 
         # Images of the responses (for the image rewards): N per response, seeds by render.seed_policy.
         t0 = time.perf_counter()
@@ -226,13 +232,13 @@ def train_and_evaluate(config, workdir: str, mesh=None, allow_config_change: boo
         if images is not None:
             times["render"] = time.perf_counter() - t0
 
-        # Rewards and prefix CI.
+        # Rewards (of the whole batch: gathered) and prefix CI.
         t0 = time.perf_counter()
         examples = [prompts.examples[prompts.data.example_index[r]] for r in rows]
         reward_batch = reward_base.RewardBatch(x_o=[r[0] for r in refs], i=[r[1] for r in refs],
                                                y_o=[r[2] for r in refs], x=[e.x for e in examples],
                                                responses=responses, images=images)
-        scored = learner.score(reward_batch)
+        scored = learner.score(reward_batch, all_responses)
         ci_state = state_ci(integrity.prefix_ci_batch(refs, response_ids, tokenizer, lengths, keyword_config))
         times["reward"] = time.perf_counter() - t0
 
@@ -240,8 +246,8 @@ def train_and_evaluate(config, workdir: str, mesh=None, allow_config_change: boo
         t0 = time.perf_counter()
         batch = ppo.Batch(input_ids=np.concatenate([prompt_ids, response_ids], 1).astype(np.int32),
                           attention_mask=np.concatenate([prompt_mask, response_mask], 1).astype(np.int32),
-                          response_mask=(response_mask * scored.valid[:, None]).astype(np.int32),
-                          ci_state=ci_state.astype(np.float32), scores=scored.reward.astype(np.float32))
+                          response_mask=(response_mask * scored.valid[mine, None]).astype(np.int32),
+                          ci_state=ci_state.astype(np.float32), scores=scored.reward[mine].astype(np.float32))
         beta = learner.host.beta
         exp, exp_stats = learner.experience(batch)  # its stats are on the host: the step has finished
         times["experience"] = time.perf_counter() - t0
@@ -249,30 +255,37 @@ def train_and_evaluate(config, workdir: str, mesh=None, allow_config_change: boo
         update_stats = learner.update(exp, update_key)
         times["update"] = time.perf_counter() - t0
         del exp
-        learner.adapt_kl(exp_stats["kl"], len(rows))
+        learner.adapt_kl(exp_stats["kl"], p.batch_size)
 
-        # Bookkeeping.
+        # Bookkeeping (over the whole batch).
         valid = scored.valid
+        all_lengths = distributed.gather_rows(lengths)
+        negatives = distributed.gather_rows(plans.negative) if plans is not None else np.zeros(0, bool)
         mean_reward = float(scored.raw[valid].mean()) if valid.any() else float("nan")
         run["first_reward"] = mean_reward if run["first"] else run["first_reward"]
         run["last_reward"] = mean_reward
         done = it + 1
         # Samples and images at the first iteration and every N: a resumed run logs what an uninterrupted one would.
-        if is_main and (done % config.sample_log_every == 0 or done == 1):
-            log_samples(samples_path, done, prompts, rows, responses, scored.scores, scored.raw, plans,
-                        config.samples_per_log)
+        if done % config.sample_log_every == 0 or done == 1:
+            edits = distributed.gather_objects(
+                [[[e.keyword.lemma, e.replacement] for e in plans.edits[b]] for b in range(len(rows))]
+                if plans is not None else [[] for _ in rows])
+            if is_main:
+                all_rows = order[index * p.batch_size:(index + 1) * p.batch_size]
+                log_samples(samples_path, done, prompts, all_rows, all_responses, scored.scores, scored.raw,
+                            negatives, edits, config.samples_per_log)
         if (writer and images is not None and config.render.log_every
                 and (done % config.render.log_every == 0 or done == 1)):
             log_images(workdir, writer, done, responses, images, seeds, config.render.log_images,
-                       config.render.model)
+                       config.render.model)  # process 0's rows: the first of the batch
         run["first"] = False
-        tokens = float(lengths.sum())
+        tokens = float(all_lengths.sum())
         metrics = {
             "reward": mean_reward, **{f"reward_{k}": float(v[valid].mean()) for k, v in scored.scores.items()},
             "reward_normalized": float(scored.reward[valid].mean()), "masked_samples": float((~valid).sum()),
-            "kl": exp_stats["kl"], "beta": beta, "response_length": float(lengths.mean()),
+            "kl": exp_stats["kl"], "beta": beta, "response_length": float(all_lengths.mean()),
             "explained_variance": exp_stats["explained_variance"], **update_stats,
-            "negatives": float(plans.negative.sum()) if plans is not None else 0.0,
+            "negatives": float(negatives.sum()),
             "rollout_tokens_per_s": tokens / times["rollout"],
             "update_tokens_per_s": tokens * p.ppo_epochs / times["update"],
             **{f"time_{k}_s": v for k, v in times.items()}}
@@ -288,8 +301,8 @@ def train_and_evaluate(config, workdir: str, mesh=None, allow_config_change: boo
     learner.state, learner.host = state, HostState.from_json(host)
 
     # ----- export -----
+    export_dir = loop.export_bloom(workdir, learner.module.config, learner.policy_params, tokenizer)  # a collective
     if is_main:
-        export_dir = loop.export_bloom(workdir, learner.module.config, learner.policy_params, tokenizer)
         writer.close()
         print(f"checkpoints: {os.path.join(workdir, 'checkpoints')}\nmetrics (TensorBoard + metrics.jsonl): "
               f"{workdir}\nsample responses: {samples_path}\ntransformers export (policy + value head): {export_dir}")

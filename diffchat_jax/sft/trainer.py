@@ -218,7 +218,7 @@ def evaluate(eval_step, params, data, batch_size: int, mesh) -> float:
     """Mean response-token NLL over a whole split."""
     total, count = 0.0, 0.0
     for batch in padded_eval_batches(data, batch_size):
-        nll, n = eval_step(params, mesh_lib.shard_batch(batch, mesh))
+        nll, n = eval_step(params, mesh_lib.shard_global(batch, mesh))
         total, count = total + float(nll), count + float(n)
     return total / max(count, 1.0)
 
@@ -279,7 +279,7 @@ def train_and_evaluate(config, workdir: str, mesh=None, allow_config_change: boo
                                                        start=index)
         batch = next(batches["iterator"])
         batch = {k: batch[k] for k in BATCH_KEYS}
-        state, metrics = steps.train(state, mesh_lib.shard_batch(batch, mesh))
+        state, metrics = steps.train(state, mesh_lib.shard_global(batch, mesh))  # this process's rows
         window["tokens"] += float(batch["attention_mask"].sum())
         if not log:
             return state, host, None
@@ -297,8 +297,8 @@ def train_and_evaluate(config, workdir: str, mesh=None, allow_config_change: boo
     state, _ = loop.run(spec, state, {}, train_step, writer)
 
     # ----- export -----
+    export_dir = loop.export_bloom(workdir, module.config, state.params, tokenizer)  # every process: a collective
     if is_main:
-        export_dir = loop.export_bloom(workdir, module.config, state.params, tokenizer)
         writer.close()
         print(f"checkpoints: {os.path.join(workdir, 'checkpoints')}\nmetrics (TensorBoard + metrics.jsonl): "
               f"{workdir}\ntransformers export: {export_dir}")

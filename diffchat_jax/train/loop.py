@@ -11,7 +11,7 @@ are restored, what the interrupted run wrote after that checkpoint is rewound (m
 have run next, so the workdir ends as an uninterrupted run's.
 
 Ctrl-C (SIGINT) finishes the current step, saves a checkpoint and raises `Interrupted` (one line, exit 130); a
-second Ctrl-C exits at once.
+second Ctrl-C exits at once. With several processes, a Ctrl-C on any of them stops all after the same step.
 """
 import contextlib
 import dataclasses
@@ -26,7 +26,7 @@ import tqdm
 
 from diffchat_jax.models import bloom
 from diffchat_jax.errors import ConfigError, UserError
-from diffchat_jax.utils import aot, checkpoint
+from diffchat_jax.utils import aot, checkpoint, distributed
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +55,7 @@ class Interrupted(UserError):
     """Ctrl-C: the run saved a checkpoint and stopped; the same command resumes it."""
     exit_code = 130
     label = "stopped"
+    on_every_process = True
 
 
 @contextlib.contextmanager
@@ -86,7 +87,7 @@ def run(spec: Loop, state, host: dict, step_fn, writer=None):
     """Runs (or resumes) the loop; returns the final (state, host). `writer`: a MetricWriter on the main process,
     None elsewhere."""
     is_main = jax.process_index() == 0
-    ckpt = checkpoint.manager(os.path.join(spec.workdir, "checkpoints"), spec.keep_checkpoints)
+    ckpt = checkpoint.manager(os.path.join(spec.workdir, "checkpoints"))  # pruned by `prune`
     state, host, start = checkpoint.restore_latest(ckpt, state, host)
     if start:
         print(f"resumed from checkpoint at {spec.unit} {start}")
@@ -110,20 +111,28 @@ def run(spec: Loop, state, host: dict, step_fn, writer=None):
             for action in spec.periodic:
                 if due(action.every, done):
                     action.fn(done, state)
-            if due(spec.checkpoint_every, done) or sigint["stop"]:
+            stop = distributed.any_process(sigint["stop"])  # a Ctrl-C on any host stops them all at this step
+            if due(spec.checkpoint_every, done) or stop:
                 checkpoint.save(ckpt, done, state, host)
-                if start and not due(spec.checkpoint_every, start) and done != start:
-                    # The Ctrl-C checkpoint this run resumed from has served; drop it once this one is on disk,
-                    # so the workdir holds the checkpoints of an uninterrupted run.
+                if due(spec.checkpoint_every, done):
                     ckpt.wait_until_finished()
-                    ckpt.delete(start)
-                    start = 0
-            if sigint["stop"] and done < spec.total_steps:
+                    prune(ckpt, spec.keep_checkpoints, lambda step: due(spec.checkpoint_every, step))
+            if stop and done < spec.total_steps:
                 ckpt.wait_until_finished()
                 raise Interrupted(f"interrupted at {spec.unit} {done} of {spec.total_steps}: checkpoint saved in "
                                   f"{os.path.join(spec.workdir, 'checkpoints')}; rerun the same command to resume")
     ckpt.wait_until_finished()
     return state, host
+
+
+def prune(ckpt, keep: int, periodic: Callable[[int], bool]) -> None:
+    """After a periodic save: the workdir holds the newest `keep` periodic checkpoints, as an uninterrupted run's
+    would; a Ctrl-C checkpoint (off the schedule) is dropped once a newer one is on disk, and never counts."""
+    steps = sorted(ckpt.all_steps())
+    kept = [step for step in steps if periodic(step)][-keep:]
+    for step in steps:
+        if step not in kept:
+            ckpt.delete(step)
 
 
 def rewind_step_folders(folder: str, done: int) -> None:
@@ -147,8 +156,11 @@ def check_memory(report: aot.Report, limit_gib: float) -> None:
 
 
 def export_bloom(workdir: str, config: bloom.BloomConfig, params, tokenizer) -> str:
-    """The model in transformers format (with its value head, if any) and its tokenizer in workdir/export."""
+    """The model in transformers format (with its value head, if any) and its tokenizer in workdir/export, written
+    by process 0; every process calls it (params split over hosts are gathered)."""
     export_dir = os.path.join(workdir, "export")
-    bloom.save_pretrained(config, jax.device_get(params), export_dir)
-    tokenizer.save_pretrained(export_dir)
+    params = distributed.to_host(params)
+    if jax.process_index() == 0:
+        bloom.save_pretrained(config, params, export_dir)
+        tokenizer.save_pretrained(export_dir)
     return export_dir

@@ -10,7 +10,8 @@ from diffchat_jax.errors import ConfigError
 
 # Fields whose change leaves the trained parameters and the logged values as they were.
 HARMLESS = ("log_every", "eval_every", "sample_log_every", "samples_per_log", "checkpoint_every", "keep_checkpoints",
-            "memory_limit_gib", "render.log_every", "render.log_images", "distributed")
+            "memory_limit_gib", "render.log_every", "render.log_images")
+HARMLESS_PREFIXES = ("distributed.",)  # how many hosts run it: the same rows and samples (README "Many hosts")
 
 
 def flat(tree: dict, prefix: str = "") -> dict:
@@ -43,7 +44,7 @@ def check_resume(config, workdir: str, allow_change: bool) -> list[str]:
     current = flat(as_json(config))
     missing = object()
     changed = sorted(k for k in saved.keys() | current.keys() if saved.get(k, missing) != current.get(k, missing))
-    altering = [k for k in changed if k not in HARMLESS]
+    altering = [k for k in changed if k not in HARMLESS and not k.startswith(HARMLESS_PREFIXES)]
     if altering and not allow_change:
         shown = "; ".join(f"config.{k}: {saved.get(k, '(absent)')!r} -> {current.get(k, '(absent)')!r}"
                           for k in altering[:5])

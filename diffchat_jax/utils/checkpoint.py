@@ -9,8 +9,9 @@ import jax
 import orbax.checkpoint as ocp
 
 
-def manager(directory: str, keep: int) -> ocp.CheckpointManager:
-    """A manager over `directory` (made absolute, as orbax requires) keeping the newest `keep` steps."""
+def manager(directory: str, keep: int | None = None) -> ocp.CheckpointManager:
+    """A manager over `directory` (made absolute, as orbax requires) keeping the newest `keep` steps (None: all;
+    the training loop prunes them itself)."""
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, cleanup_tmp_directories=True)
     return ocp.CheckpointManager(os.path.abspath(directory), options=options)
 

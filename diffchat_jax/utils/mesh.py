@@ -6,6 +6,12 @@ inputs carry these shardings (explicit `in_shardings` / `out_shardings` at the j
 gradient all-reduce (and, with fsdp > 1, the parameter all-gathers and gradient reduce-scatters: GSPMD), so a step
 is written as if for one device and averages over the global batch by construction (no explicit pmean).
 
+Many hosts (utils/distributed.py): the mesh spans every device of every process, and a global batch [B, ...] is
+split so that each process's devices hold one contiguous block of rows, `process_rows(mesh, B)`. Every process
+builds the same global batch order; `shard_global` places only its own rows, `shard_batch` takes the rows a process
+already has (host stages run on those), and `local_rows` turns a global result back into them. `process_local`
+is the mesh over this process's own devices, for the renderer and the scorers, which run per host.
+
 fsdp = 1 (the default): every device holds all params (pure data parallelism). fsdp = F > 1: each param of two
 or more dimensions is split F ways on its largest axis that F divides (optimizer state likewise), for models whose
 replicated params and optimizer state do not fit one device (BLOOM-3b, 7b1).
@@ -90,9 +96,42 @@ def shard_params(tree, mesh: Mesh):
     return place(tree, param_shardings(tree, mesh))
 
 
+def process_rows(mesh: Mesh, global_size: int) -> slice:
+    """The rows of a global batch [global_size, ...] split over the mesh that this process's devices hold (all of
+    them with one process)."""
+    spans = {(i[0].start or 0, global_size if i[0].stop is None else i[0].stop)
+             for i in data_sharded(mesh).addressable_devices_indices_map((global_size,)).values()}
+    start, stop = min(a for a, _ in spans), max(b for _, b in spans)
+    if sum(b - a for a, b in spans) != stop - start:  # a mesh whose device order interleaves the processes
+        raise ValueError(f"this process's devices do not hold one contiguous block of the {global_size} rows")
+    return slice(start, stop)
+
+
+def shard_global(batch, mesh: Mesh):
+    """Host numpy arrays [B, ...], the whole global batch (the same on every process) -> global jax arrays; each
+    process places its own rows (`process_rows`)."""
+    rows = process_rows(mesh, len(jax.tree.leaves(batch)[0]))
+    return shard_batch(jax.tree.map(lambda x: np.asarray(x)[rows], batch), mesh)
+
+
+def local_rows(x: jax.Array) -> np.ndarray:
+    """A global array split over the mesh on its first axis -> this process's rows [B_local, ...] as numpy."""
+    if x.is_fully_addressable:
+        return np.asarray(x)
+    shards = {s.index[0].start or 0: s for s in x.addressable_shards}  # replicas of a block: one is enough
+    return np.concatenate([np.asarray(shards[k].data) for k in sorted(shards)])
+
+
+def process_local(mesh: Mesh) -> Mesh:
+    """The mesh over this process's devices (`data` only): `mesh` itself when there is one process."""
+    if jax.process_count() == 1:
+        return mesh
+    return make_mesh(jax.local_devices())
+
+
 def shard_batch(batch, mesh: Mesh):
-    """Host numpy arrays [B, ...] (this host's part of the global batch) -> global jax arrays split over the
-    mesh; ShapeDtypeStruct leaves get the sharding (abstract)."""
+    """Host numpy arrays [B_local, ...] (this process's rows of the global batch: all of it with one process)
+    -> global jax arrays split over the mesh; ShapeDtypeStruct leaves (global shapes) get the sharding."""
     sharding = data_sharded(mesh)
 
     def leaf(x):
