@@ -7,6 +7,7 @@ import os
 import jax
 
 from diffchat_jax.errors import ConfigError
+from diffchat_jax.utils import files
 
 # Fields whose change leaves the trained parameters and the logged values as they were.
 HARMLESS = ("log_every", "eval_every", "sample_log_every", "samples_per_log", "checkpoint_every", "keep_checkpoints",
@@ -61,7 +62,4 @@ def save(config, workdir: str, changed: list[str]) -> None:
         print(f"resuming with changed config fields: {', '.join(changed)}")
     if jax.process_index() != 0:
         return
-    path = os.path.join(workdir, "config.json")
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        json.dump(as_json(config), f, indent=2)
-    os.replace(path + ".tmp", path)
+    files.write_atomic(os.path.join(workdir, "config.json"), json.dumps(as_json(config), indent=2))

@@ -6,6 +6,8 @@ import os
 import tensorboardX
 import tqdm
 
+from diffchat_jax.utils import files
+
 
 class MetricWriter:
     """Writes scalar metrics to `<logdir>/` (TensorBoard events + metrics.jsonl) and prints a console line.
@@ -61,10 +63,7 @@ def rewind_jsonl(path: str, key: str, step: int) -> None:
         return
     with open(path, encoding="utf-8") as f:
         lines = [line for line in f if line.strip() and json.loads(line)[key] <= step]
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.writelines(lines)
-    os.replace(tmp, path)
+    files.write_atomic(path, "".join(lines))
 
 
 def read_metrics(logdir: str) -> list[dict]:
