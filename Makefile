@@ -33,6 +33,7 @@ demo: install
 	$(PY) -m diffchat_jax.main --config=configs/sft.py:tiny --workdir=$(DEMO_WORKDIR)/sft
 	$(PY) -m diffchat_jax.main --config=configs/ppo.py:tiny --workdir=$(DEMO_WORKDIR)/ppo \
 	    --config.model.name_or_path=$(DEMO_WORKDIR)/sft
+	$(PY) -m diffchat_jax.main --config=configs/eval.py:tiny --workdir=$(DEMO_WORKDIR)/eval
 
 test: install
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q $(PYTEST_ARGS)

@@ -16,8 +16,9 @@ from ml_collections import config_flags
 from diffchat_jax import cli, errors
 from diffchat_jax.utils import distributed
 
-# config.mode -> the module whose train_and_evaluate(config, workdir) runs it (imported on demand).
-TRAINERS = {"sft": "diffchat_jax.sft.trainer", "ppo": "diffchat_jax.rl.trainer"}
+# config.mode -> (module, function(config, workdir, allow_config_change=...)) that runs it (imported on demand).
+TRAINERS = {"sft": ("diffchat_jax.sft.trainer", "train_and_evaluate"),
+            "ppo": ("diffchat_jax.rl.trainer", "train_and_evaluate"), "eval": ("diffchat_jax.eval.job", "run")}
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, optionally with a variant: configs/sft.py:tiny (configs/ finds the packaged "
@@ -42,8 +43,8 @@ def run_job(config, workdir: str, allow_config_change: bool = False):
     if config.mode not in TRAINERS:
         raise errors.ConfigError(f"config.mode {config.mode!r} is not one of {sorted(TRAINERS)}")
     distributed.initialize(config.distributed)  # before any other JAX call; one process: nothing to do
-    trainer = importlib.import_module(TRAINERS[config.mode])
-    return trainer.train_and_evaluate(config, workdir, allow_config_change=allow_config_change)
+    module, function = TRAINERS[config.mode]
+    return getattr(importlib.import_module(module), function)(config, workdir, allow_config_change=allow_config_change)
 
 
 def main(argv):

@@ -12,7 +12,8 @@ def save_png(path: str, image: np.ndarray, metadata: dict[str, object]) -> str:
     for key, value in metadata.items():
         info.add_itxt(key, str(value))  # iTXt: UTF-8, so any prompt survives
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    Image.fromarray(np.asarray(image, np.uint8)).save(path, pnginfo=info)
+    Image.fromarray(np.asarray(image, np.uint8)).save(f"{path}.tmp", format="PNG", pnginfo=info)
+    os.replace(f"{path}.tmp", path)  # a kill leaves no half image (resumed runs trust what they find)
     return path
 
 
