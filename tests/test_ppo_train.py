@@ -102,21 +102,18 @@ def test_tiny_ppo_cli_end_to_end(ppo_cli_run):
 
 
 @pytest.mark.slow
-def test_kill_interrupt_and_resume_match_uninterrupted(ppo_cli_run, tmp_path):
-    """With the image rewards on, rendering too must continue exactly where the stopped run left off: SIGKILLed
-    at a random point after the checkpoint at iteration 3, resumed, stopped by Ctrl-C at a random point, resumed again. The same
-    export and the same files as the uninterrupted run (checkpoints, metrics.jsonl, samples.jsonl, PNGs)."""
+def test_kill_and_resume_match_uninterrupted(ppo_cli_run, tmp_path):
+    """With the image rewards on, rendering too must continue exactly where the killed run left off: SIGKILLed
+    at a random point after the checkpoint at iteration 3 and resumed, the same export and the same files as the
+    uninterrupted run (checkpoints, metrics.jsonl, samples.jsonl, PNGs). (Ctrl-C and resume on the same loop:
+    tests/test_multihost.py.)"""
     full, _, flags = ppo_cli_run
     killed = tmp_path / "killed"
     proc = main_process("configs/ppo.py:tiny", killed, *flags)
-    rng = np.random.default_rng()
-    helpers.kill_after_first_checkpoint(proc, killed / "checkpoints", delay_s=float(rng.uniform(0.0, 1.0)))
-    delay = float(rng.uniform(0.0, 1.0))
-    out = helpers.interrupt_once_running(main_process("configs/ppo.py:tiny", killed, *flags), killed, 3, delay)
-    assert "resumed from checkpoint at iteration 3" in out, out
-    stopped = int(out.strip().splitlines()[-1].split("interrupted at iteration ")[1].split()[0])
+    helpers.kill_after_first_checkpoint(proc, killed / "checkpoints",
+                                        delay_s=float(np.random.default_rng().uniform(0.0, 2.0)))
     out = finish(main_process("configs/ppo.py:tiny", killed, *flags))
-    assert f"resumed from checkpoint at iteration {stopped}" in out, out
+    assert "resumed from checkpoint at iteration 3" in out, out
     a = safetensors.numpy.load_file(str(full / "export" / "model.safetensors"))
     b = safetensors.numpy.load_file(str(killed / "export" / "model.safetensors"))
     for name in a:

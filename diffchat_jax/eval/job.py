@@ -29,7 +29,7 @@ from diffchat_jax.eval import metrics as metrics_lib, results, systems as system
 from diffchat_jax.text import keywords
 from diffchat_jax.train import run_config
 from diffchat_jax.utils import files, mesh as mesh_lib
-from diffchat_jax.utils.validate import DTYPES, check_data_source, check_model_source, one_of, require
+from diffchat_jax.utils.validate import DTYPES, check_data_source, check_model_source, names, one_of, require
 
 RAW = "raw"
 
@@ -44,8 +44,7 @@ def validate_config(config) -> dict[str, systems_lib.Spec]:
     one_of(e.score_text, ("target", "reference"), "eval.score_text")
     one_of(e.rank_ties, results.TIES, "eval.rank_ties")
     one_of(e.scorers.hps_version, tuple(HPS), "eval.scorers.hps_version")
-    for metric in e.metrics:
-        one_of(metric, results.METRICS, f"eval.metrics.{metric}")
+    metric_names(config)  # its check
     specs = systems_lib.parse_systems(dict(e.systems))
     require(RAW not in specs, f"eval.systems.{RAW}", "is reserved for the raw images; name the system otherwise")
     require(len(e.models) > 0 or not image_metrics(config), "eval.models", "is empty but image metrics are asked for")
@@ -60,8 +59,13 @@ def validate_config(config) -> dict[str, systems_lib.Spec]:
     return specs
 
 
+def metric_names(config) -> tuple[str, ...]:
+    """eval.metrics as typed (a tuple, or "a,b" on the command line), checked."""
+    return names(config.eval.metrics, "eval.metrics", results.METRICS)
+
+
 def image_metrics(config) -> tuple[str, ...]:
-    return tuple(m for m in config.eval.metrics if m != "ci")
+    return tuple(m for m in metric_names(config) if m != "ci")
 
 
 def load_rows(config) -> list[examples_lib.Example]:
@@ -151,9 +155,10 @@ def run(config, workdir: str, allow_config_change: bool = False) -> dict:
     del allow_config_change  # every setting is part of the cache keys: a changed one recomputes what it touches
     os.makedirs(workdir, exist_ok=True)
     e = config.eval
+    metrics = metric_names(config)
     rows = load_rows(config)
     keyword_config = keywords.from_config(config.ci)
-    print(f"{len(rows)} rows x {len(specs)} systems x {len(e.models)} SD model(s); metrics {list(e.metrics)}")
+    print(f"{len(rows)} rows x {len(specs)} systems x {len(e.models)} SD model(s); metrics {list(metrics)}")
 
     # ----- prompts -----
     targets = {}
@@ -177,7 +182,7 @@ def run(config, workdir: str, allow_config_change: bool = False) -> dict:
             renderer = raw = None
             for name in specs:
                 keys = [{"x": ex.x, "target": t, "score_text": st, "settings": settings_key, "model_path": model_path,
-                         "metrics": list(e.metrics)} for ex, t, st in zip(rows, targets[name], score_texts[name])]
+                         "metrics": list(metrics)} for ex, t, st in zip(rows, targets[name], score_texts[name])]
                 lines = [cached.get((name, model, r)) for r in range(len(rows))]
                 if all(line is not None and line.get("key") == k for line, k in zip(lines, keys)):
                     done += lines  # scored before with these prompts and settings
@@ -201,9 +206,9 @@ def run(config, workdir: str, allow_config_change: bool = False) -> dict:
                         scorer = metrics_lib.ImageMetrics.load(scorer_paths(config), wanted_images,
                                                                batch_size=e.scorers.batch_size)
                     values = scorer(raw, target_images, [ex.x for ex in rows], score_texts[name], targets[name])
-                if "ci" in e.metrics:
+                if "ci" in metrics:
                     values["ci"] = np.asarray(systems_lib.ci_scores(rows, targets[name], keyword_config))
-                done += [{"system": name, "model": model, "row": r, **{m: float(values[m][r]) for m in e.metrics},
+                done += [{"system": name, "model": model, "row": r, **{m: float(values[m][r]) for m in metrics},
                           "key": keys[r]} for r in range(len(rows))]
                 scored += 1
                 merged = {(s["system"], s["model"], s["row"]): s for s in [*cached.values(), *done]}
@@ -213,9 +218,9 @@ def run(config, workdir: str, allow_config_change: bool = False) -> dict:
     write_jsonl(scores_path, done)
 
     # ----- results -----
-    summaries = results.summarize(done, e.metrics)
-    avg = results.average_ranks(summaries, e.rank_ties, e.metrics)
-    shown = {"systems": dict(e.systems), "models": dict(e.models), "metrics": list(e.metrics),
+    summaries = results.summarize(done, metrics)
+    avg = results.average_ranks(summaries, e.rank_ties, metrics)
+    shown = {"systems": dict(e.systems), "models": dict(e.models), "metrics": list(metrics),
              "score_text": e.score_text, "rank_ties": e.rank_ties, "rows": len(rows), "data": e.data,
              "render": dataclasses.asdict(settings), "hps_version": e.scorers.hps_version}
     results.write_results(workdir, summaries, avg, e.rank_ties, shown)
@@ -237,7 +242,7 @@ def write_report(workdir, config, summaries, avg, systems, models, shown) -> Non
         if model == "-":
             model = results.ALL_MODELS
         title = "All SD models (Table 1: the mean over models)" if model == results.ALL_MODELS else f"`{model}`"
-        parts += [f"\n## {title}\n\n", results.markdown_table(summaries, avg, model, systems, e.metrics)]
+        parts += [f"\n## {title}\n\n", results.markdown_table(summaries, avg, model, systems, metric_names(config))]
     parts.append("\n## Settings\n\n```json\n" + json.dumps(shown, indent=2) + "\n```\n")
     if "tiny" in str(e.models):
         parts.append("\nThe tiny models are random: these numbers test the pipeline, they say nothing about "

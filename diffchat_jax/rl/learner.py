@@ -40,8 +40,14 @@ def resolve_model_dir(name_or_path: str) -> str:
     return export if os.path.isfile(os.path.join(export, "config.json")) else name_or_path
 
 
+def active_components(config) -> dict[str, float]:
+    """`reward.components` without the weight-0 ones: a weight of 0 turns a component off (not loaded, not scored;
+    e.g. --config.reward.components.pickscore=0)."""
+    return {name: float(w) for name, w in config.reward.components.items() if w != 0}
+
+
 def renders_images(config) -> bool:
-    return any(reward_base.needs_images(name) for name in config.reward.components)
+    return any(reward_base.needs_images(name) for name in active_components(config))
 
 
 def build_renderer(config, mesh, abstract: bool = False) -> render_lib.Renderer:
@@ -124,9 +130,8 @@ class Learner:
         # The reward models run on each process's own devices, on its own rows.
         local = mesh_lib.process_local(mesh)
         self.renderer = build_renderer(config, local, abstract) if renders_images(config) else None
-        self.components = {name: reward_base.make_component(name, config, local, abstract)
-                           for name in config.reward.components}
-        self.weights = dict(config.reward.components)
+        self.weights = active_components(config)
+        self.components = {name: reward_base.make_component(name, config, local, abstract) for name in self.weights}
 
     # ----- placement -------------------------------------------------------------------------------------------
     def _replicated(self, x):

@@ -24,7 +24,7 @@ from diffchat_jax.diffusion import images as images_lib, schedulers
 from diffchat_jax.rewards import base as reward_base
 from diffchat_jax.rl import ppo
 from diffchat_jax.sampling import rollout as rollout_lib
-from diffchat_jax.rl.learner import HostState, Learner, renders_images, resolve_model_dir
+from diffchat_jax.rl.learner import HostState, Learner, active_components, renders_images, resolve_model_dir
 from diffchat_jax.text import adm, integrity, keywords
 from diffchat_jax.train import loop, run_config
 from diffchat_jax.utils import distributed, mesh as mesh_lib, metrics as metrics_lib
@@ -60,7 +60,7 @@ def validate_config(config, num_devices: int) -> None:
             f"{config.memory_limit_gib}")
     one_of(config.reward.on_nonfinite, ("error", "mask"), "reward.on_nonfinite")
     one_of(config.reward.normalize, ("none", "scale", "standardize"), "reward.normalize")
-    require(len(config.reward.components) > 0, "reward.components", "is empty")
+    require(len(active_components(config)) > 0, "reward.components", "is empty (or every weight is 0)")
     for name in config.reward.components:
         one_of(name, reward_base.registered(), f"reward.components.{name}")
     if renders_images(config):
