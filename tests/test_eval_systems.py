@@ -1,6 +1,5 @@
 """diffchat_jax/eval/systems.py: the target prompts of each kind, the file: format's errors, and CI in the paper's
 units on real InstructPix2Pix triples (the `reference` system keeps every keyword: CI 100)."""
-import json
 import os
 
 import pytest
@@ -69,3 +68,21 @@ def test_ci_in_paper_units_on_real_triples():
     identity = systems.ci_scores(rows, systems.target_prompts(systems.parse_spec("u", "identity"), rows), config)
     assert reference == [100.0] * len(rows)
     assert all(0.0 <= v <= 100.0 for v in identity) and sum(identity) / len(identity) < 95.0
+
+
+def test_eval_config_checks_name_the_field():
+    from diffchat_jax.configs import eval as eval_config
+    from diffchat_jax.eval import job
+    config = eval_config.get_config("tiny")
+    config.eval.models.tiny = helpers.ROOT  # exists in any checkout: only the setting under test is wrong
+    config.render.solver = "plms"
+    with pytest.raises(ConfigError, match="config.render.solver"):
+        job.validate_config(config)
+    config.render.solver = "ddim"
+    config.eval.metrics = ("pickscore,ssim",)  # what --config.eval.metrics=pickscore,ssim gives
+    with pytest.raises(ConfigError, match=r"config.eval.metrics has unknown name\(s\) \['ssim'\]"):
+        job.validate_config(config)
+    config.eval.metrics = ("ci",)
+    config.eval.systems.user = "file:"
+    with pytest.raises(ConfigError, match="config.eval.systems.user: 'file:': file: needs a path"):
+        job.validate_config(config)

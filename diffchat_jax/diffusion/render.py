@@ -22,6 +22,7 @@ from diffchat_jax.diffusion.pipeline import StableDiffusion
 from diffchat_jax.models import clip
 from diffchat_jax.utils import aot
 from diffchat_jax.utils.mesh import chunk_size, make_mesh, map_in_chunks, replicate, shard_batch
+from diffchat_jax.utils.validate import DTYPES, one_of, require
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,6 +124,17 @@ def render(sd: StableDiffusion, params: dict, solver: schedulers.Solver, cond_id
     latents = denoise(sd, params["unet"], solver, initial_latents(sd, keys, height, width), context,
                       guidance_scale, keys)
     return to_uint8(decode(sd, params["vae"], latents))
+
+
+def validate_settings(r) -> None:
+    """Raises ConfigError naming the first `config.render` setting that cannot work (the model is checked by its
+    loader)."""
+    one_of(r.solver, schedulers.SOLVERS, "render.solver")
+    one_of(r.seed_policy, ("fixed", "per_iteration"), "render.seed_policy")
+    one_of(r.dtype, DTYPES, "render.dtype")
+    for field in ("num_steps", "images_per_prompt", "batch_size"):
+        require(r[field] >= 1, f"render.{field}", f"must be >= 1, got {r[field]}")
+    require(r.height >= 0 and r.width >= 0, "render.height/width", "must be >= 0 (0 = the model's size)")
 
 
 class Renderer:

@@ -50,9 +50,7 @@ def validate_config(config) -> dict[str, systems_lib.Spec]:
     require(len(e.models) > 0 or not image_metrics(config), "eval.models", "is empty but image metrics are asked for")
     for name, path in e.models.items():
         check_model_source(path, f"eval.models.{name}", "a Stable Diffusion 1.x pipeline or single file")
-    one_of(config.render.solver, render_lib.schedulers.SOLVERS, "render.solver")
-    for field in ("num_steps", "images_per_prompt", "batch_size"):
-        require(config.render[field] >= 1, f"render.{field}", f"must be >= 1, got {config.render[field]}")
+    render_lib.validate_settings(config.render)
     if jax.process_count() > 1:
         raise ConfigError("config.distributed: the eval runs on one process for now (each host can run its own "
                           "eval.limit slice); several processes are not split yet")

@@ -20,7 +20,7 @@ import numpy as np
 from diffchat_jax.data import examples as examples_lib
 from diffchat_jax.data import tokenize as tokenize_lib
 from diffchat_jax.data import tokenizer as tokenizer_lib
-from diffchat_jax.diffusion import images as images_lib, schedulers
+from diffchat_jax.diffusion import images as images_lib, render as render_lib
 from diffchat_jax.rewards import base as reward_base
 from diffchat_jax.rl import ppo
 from diffchat_jax.sampling import rollout as rollout_lib
@@ -80,12 +80,7 @@ def validate_render_config(r) -> None:
     require(bool(r.model), "render.model", "is empty: image rewards need a Stable Diffusion checkpoint")
     check_model_source(r.model, "render.model", "tiny random models for the tiny configs: "
                        "python -m diffchat_jax.tiny_models")
-    one_of(r.solver, schedulers.SOLVERS, "render.solver")
-    one_of(r.seed_policy, ("fixed", "per_iteration"), "render.seed_policy")
-    one_of(r.dtype, DTYPES, "render.dtype")
-    for field in ("num_steps", "images_per_prompt", "batch_size"):
-        require(r[field] >= 1, f"render.{field}", f"must be >= 1, got {r[field]}")
-    require(r.height >= 0 and r.width >= 0, "render.height/width", "must be >= 0 (0 = the model's size)")
+    render_lib.validate_settings(r)
 
 
 # ---------------------------------------------------------------------------------------------------------------
