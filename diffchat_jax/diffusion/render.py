@@ -1,11 +1,11 @@
 """Prompts -> images with a Stable Diffusion 1.x pipeline, as one jitted function (paper sections 3.3, 4.1).
 
 `render(sd, params, solver, cond_ids, uncond_ids, seeds, guidance_scale, height, width)` is the pure function:
-text encoding (`encode_prompts`), seeded noise (`initial_latents`), a `lax.scan` over the solver's steps with
-classifier-free guidance and a negative prompt (`denoise`), VAE decoding (`decode`) and uint8 conversion. Every
-image's initial latents and per-step noise come from its own seed only, so an image depends on (prompt, seed), not
-on its place in a batch (bit for bit on one device; split over several devices a pixel may round to the
-neighbouring uint8 level). `Renderer` is the host side: it tokenizes, chunks
+text encoding (`encode_prompts`), seeded noise (`initial_latents`), a `lax.scan` over the solver's steps (`sample`,
+shared with diffusion/ip2p.py) with classifier-free guidance and a negative prompt (`denoise`), VAE decoding
+(`decode`) and uint8 conversion. Every image's initial latents and per-step noise come from its own seed only, so
+an image depends on (prompt, seed), not on its place in a batch (bit for bit on one device; split over several
+devices a pixel may round to the neighbouring uint8 level). `Renderer` is the host side: it tokenizes, chunks
 a list of prompts into fixed-size batches split over the `data` mesh (one compiled shape), and returns numpy.
 """
 import dataclasses
@@ -19,7 +19,7 @@ import numpy as np
 from diffchat_jax import errors
 from diffchat_jax.diffusion import schedulers
 from diffchat_jax.diffusion.pipeline import StableDiffusion
-from diffchat_jax.models import clip
+from diffchat_jax.models import clip, hf_io
 from diffchat_jax.utils import aot
 from diffchat_jax.utils.mesh import chunk_size, make_mesh, map_in_chunks, replicate, shard_batch
 from diffchat_jax.utils.validate import DTYPES, one_of, require
@@ -68,27 +68,21 @@ def initial_latents(sd: StableDiffusion, keys: jax.Array, height: int, width: in
     return jax.vmap(lambda k: jax.random.normal(k, shape, jnp.float32))(keys)
 
 
-def denoise(sd: StableDiffusion, unet_params, solver: schedulers.Solver, latents: jax.Array, context: jax.Array,
-            guidance_scale: float, keys: jax.Array | None = None, trajectory: bool = False):
+def sample(solver: schedulers.Solver, latents: jax.Array, model, keys: jax.Array | None = None,
+           trajectory: bool = False):
     """The sampling loop from initial noise `latents` [B, C, h, w] (scaled by the solver's init_noise_sigma here).
 
-    context: [2B, T, D] = (negative prompts, prompts) when guidance_scale > 1 (classifier-free guidance:
-    eps = eps_neg + g * (eps_prompt - eps_neg)), else [B, T, D]. keys [B]: per-image PRNG keys for a stochastic
-    solver (step i draws from fold_in(key, i)). Returns the final latents [B, C, h, w], and with trajectory=True
-    also every step's latents [S, B, C, h, w].
+    model(x_in, t) -> the (guided) noise prediction [B, C, h, w] for the solver-scaled latents x_in [B, C, h, w] at
+    timestep t (a traced scalar). keys [B]: per-image PRNG keys for a stochastic solver (step i draws from
+    fold_in(key, i)). Returns the final latents [B, C, h, w], and with trajectory=True also every step's latents
+    [S, B, C, h, w].
     """
-    guided = guidance_scale > 1.0
     timesteps = jnp.asarray(solver.timesteps)
     x = latents * solver.init_noise_sigma
 
     def step(carry, i):
         x, state = carry
-        x_in = solver.scale_input(x, i)
-        x_in = jnp.concatenate([x_in, x_in]) if guided else x_in
-        out = sd.unet.apply({"params": unet_params}, x_in, timesteps[i], context)
-        if guided:
-            negative, positive = jnp.split(out, 2)
-            out = negative + guidance_scale * (positive - negative)
+        out = model(solver.scale_input(x, i), timesteps[i])
         noise = jnp.zeros_like(x)
         if solver.stochastic:
             noise = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, i), x.shape[1:], jnp.float32))(keys)
@@ -97,6 +91,25 @@ def denoise(sd: StableDiffusion, unet_params, solver: schedulers.Solver, latents
 
     (x, _), xs = jax.lax.scan(step, (x, solver.init_state(x)), jnp.arange(solver.num_steps))
     return (x, xs) if trajectory else x
+
+
+def denoise(sd: StableDiffusion, unet_params, solver: schedulers.Solver, latents: jax.Array, context: jax.Array,
+            guidance_scale: float, keys: jax.Array | None = None, trajectory: bool = False):
+    """Text-to-image sampling (`sample`) from initial noise `latents` [B, C, h, w].
+
+    context: [2B, T, D] = (negative prompts, prompts) when guidance_scale > 1 (classifier-free guidance:
+    eps = eps_neg + g * (eps_prompt - eps_neg)), else [B, T, D]. keys, trajectory and the result: as `sample`.
+    """
+    guided = guidance_scale > 1.0
+
+    def model(x_in, t):
+        out = sd.unet.apply({"params": unet_params}, jnp.concatenate([x_in, x_in]) if guided else x_in, t, context)
+        if guided:
+            negative, positive = jnp.split(out, 2)
+            out = negative + guidance_scale * (positive - negative)
+        return out
+
+    return sample(solver, latents, model, keys, trajectory)
 
 
 def decode(sd: StableDiffusion, vae_params, latents: jax.Array) -> jax.Array:
@@ -149,6 +162,11 @@ class Renderer:
 
     def __init__(self, sd: StableDiffusion, params: dict, settings: RenderSettings = RenderSettings(),
                  batch_size: int = 8, mesh=None):
+        if sd.unet.config.in_channels != sd.latent_channels:
+            raise hf_io.BadModelFile(
+                f"not a text-to-image pipeline: its UNet takes {sd.unet.config.in_channels} input channels, not the "
+                f"VAE's {sd.latent_channels} latent channels (an InstructPix2Pix pipeline is an image editor: "
+                "diffusion/ip2p.py, eval system ip2p:PATH)")
         self.sd, self.settings, self.batch_size = sd, settings, batch_size
         self.mesh = mesh or make_mesh(jax.local_devices())
         self.height, self.width = settings.image_size(sd)
@@ -178,7 +196,7 @@ class Renderer:
 
     def device_steps(self, n_images: int) -> list[aot.Step]:
         """The jitted call that rendering `n_images` images makes, on abstract arguments (diffchat_jax.memory)."""
-        chunk = chunk_size(self.batch_size, n_images, self.mesh)
+        chunk = chunk_size(self.batch_size, self.mesh)
         ids = jax.ShapeDtypeStruct((chunk, self.text_length), jnp.int32)
         inputs = shard_batch({"cond_ids": ids, "uncond_ids": ids,
                               "seeds": jax.ShapeDtypeStruct((chunk,), jnp.uint32)}, self.mesh)

@@ -46,9 +46,9 @@ def _score_renders(fn, images: np.ndarray, per_response: tuple[np.ndarray, ...],
     return scores.reshape(images.shape[:2]).mean(axis=1)
 
 
-def _abstract_images(n_images: int, size: tuple[int, int], batch_size: int, mesh) -> jax.ShapeDtypeStruct:
+def _abstract_images(size: tuple[int, int], batch_size: int, mesh) -> jax.ShapeDtypeStruct:
     """The images of one scoring call: [chunk, H, W, 3] uint8 split over the mesh."""
-    chunk = chunk_size(batch_size, n_images, mesh)
+    chunk = chunk_size(batch_size, mesh)
     return shard_batch(jax.ShapeDtypeStruct((chunk, *size, 3), jnp.uint8), mesh)
 
 
@@ -66,7 +66,7 @@ def make_aesthetic(config, mesh=None, abstract: bool = False) -> Component:
         return _score_renders(fn, _images(batch, "aesthetic"), (), c.batch_size, mesh)
 
     def device_steps(n_images: int, size: tuple[int, int]) -> list[aot.Step]:
-        images = _abstract_images(n_images, size, c.batch_size, mesh)
+        images = _abstract_images(size, c.batch_size, mesh)
         return [aot.Step("aesthetic", scorers.aesthetic_score, (module, aot.abstract(params), aot.abstract(mlp),
                                                                 images), resident=(1, 2))]
 
@@ -89,7 +89,7 @@ def make_pickscore(config, mesh=None, abstract: bool = False) -> Component:
         return _score_renders(fn, images, (ids, mask), c.batch_size, mesh)
 
     def device_steps(n_images: int, size: tuple[int, int]) -> list[aot.Step]:
-        images = _abstract_images(n_images, size, c.batch_size, mesh)
+        images = _abstract_images(size, c.batch_size, mesh)
         ids = shard_batch(jax.ShapeDtypeStruct((images.shape[0], text_length), jnp.int32), mesh)
         return [aot.Step("pickscore", scorers.pick_score, (module, aot.abstract(params), images, ids, ids),
                          resident=(1,))]

@@ -146,19 +146,20 @@ def replicate(tree, mesh: Mesh):
     return place(tree, replicated(mesh))
 
 
-def chunk_size(batch_size: int, total: int, mesh: Mesh) -> int:
-    """Rows per chunk of `map_in_chunks`: min(batch_size, total) rounded up to the mesh's device count."""
-    return -(-min(batch_size, total) // mesh.devices.size) * mesh.devices.size
+def chunk_size(batch_size: int, mesh: Mesh) -> int:
+    """Rows per chunk of `map_in_chunks`: batch_size rounded up to the mesh's device count."""
+    return -(-batch_size // mesh.devices.size) * mesh.devices.size
 
 
 def map_in_chunks(fn, arrays: Sequence[np.ndarray], batch_size: int, mesh: Mesh) -> np.ndarray:
     """fn(*chunks) -> [C, ...] over host arrays [N, ...] in chunks of C rows split over the mesh; returns [N, ...].
 
-    C is `chunk_size(batch_size, N, mesh)`, and the last chunk is padded by repeating its final row (its outputs
-    dropped), so a jitted fn compiles one shape per run.
+    C is `chunk_size(batch_size, mesh)` whatever N is, and the last chunk is padded by repeating its final row (its
+    outputs dropped): a jitted fn compiles one shape, and a row's result does not depend on how many rows come with
+    it (the same numbers for 6 rows on each of 2 hosts as for 12 on one, or for the rows a resumed job has left).
     """
     total = len(arrays[0])
-    chunk = chunk_size(batch_size, total, mesh)
+    chunk = chunk_size(batch_size, mesh)
     outputs = []
     for start in range(0, total, chunk):
         part = [a[start:start + chunk] for a in arrays]
