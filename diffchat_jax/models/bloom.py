@@ -401,6 +401,13 @@ def params_to_hf(params) -> dict[str, np.ndarray]:
 # ----------------------------------------------------------------------------------------------------------
 # Checkpoint files.
 # ----------------------------------------------------------------------------------------------------------
+def resolve_model_dir(name_or_path: str) -> str:
+    """An SFT or PPO workdir resolves to its export/ (the transformers folder its job writes at the end); a
+    transformers folder or hub id is used as it is."""
+    export = os.path.join(name_or_path, "export")
+    return export if os.path.isfile(os.path.join(export, "config.json")) else name_or_path
+
+
 def load_pretrained(path_or_id: str, dtype=jnp.float32, value_head: bool = False, compute_dtype=None,
                     abstract: bool = False):
     """Load a HF BLOOM checkpoint (local folder or hub id) -> (Bloom module, params).

@@ -18,7 +18,6 @@ processes each stage takes this process's rows of the global batch; `score` gath
 its `memory_report()` compiles every jitted step on abstract arguments and reads what XLA says they need.
 """
 import dataclasses
-import os
 
 import jax
 import jax.numpy as jnp
@@ -32,12 +31,6 @@ from diffchat_jax.rl import kl as kl_lib, ppo
 from diffchat_jax.sampling import rollout
 from diffchat_jax.utils import aot, distributed, mesh as mesh_lib, optim
 from diffchat_jax.utils.validate import DTYPES, ConfigError
-
-
-def resolve_model_dir(name_or_path: str) -> str:
-    """An SFT workdir resolves to its export/; a transformers folder or hub id is used as it is."""
-    export = os.path.join(name_or_path, "export")
-    return export if os.path.isfile(os.path.join(export, "config.json")) else name_or_path
 
 
 def active_components(config) -> dict[str, float]:
@@ -100,7 +93,7 @@ class Learner:
                  abstract: bool = False):
         self.config, self.mesh = config, mesh
         m, p = config.model, config.ppo
-        module, params = bloom.load_pretrained(resolve_model_dir(m.name_or_path), dtype=DTYPES[m.param_dtype],
+        module, params = bloom.load_pretrained(bloom.resolve_model_dir(m.name_or_path), dtype=DTYPES[m.param_dtype],
                                                value_head=True, compute_dtype=DTYPES[m.compute_dtype],
                                                abstract=abstract)
         self.module = bloom.Bloom(dataclasses.replace(module.config, remat=m.remat))
@@ -121,7 +114,7 @@ class Learner:
         self.steps = ppo.make_steps(self.module, self.tx, self.hp, mesh, self.state, self.frozen)
         self.host = HostState(beta=float(config.kl.init))
 
-        special = () if tokenizer is None else tuple(sorted(set(tokenizer.all_special_ids) - {tokenizer.eos_token_id}))
+        special = () if tokenizer is None else rollout.banned_special_ids(tokenizer)
         eos, pad = (0, 0) if tokenizer is None else (tokenizer.eos_token_id, tokenizer.pad_token_id)
         self.sampling = dataclasses.replace(
             rollout.SamplingConfig.from_config(config.sampling, eos, pad),

@@ -21,10 +21,11 @@ from diffchat_jax.data import examples as examples_lib
 from diffchat_jax.data import tokenize as tokenize_lib
 from diffchat_jax.data import tokenizer as tokenizer_lib
 from diffchat_jax.diffusion import images as images_lib, render as render_lib
+from diffchat_jax.models import bloom
 from diffchat_jax.rewards import base as reward_base
 from diffchat_jax.rl import ppo
 from diffchat_jax.sampling import rollout as rollout_lib
-from diffchat_jax.rl.learner import HostState, Learner, active_components, renders_images, resolve_model_dir
+from diffchat_jax.rl.learner import HostState, Learner, active_components, renders_images
 from diffchat_jax.text import adm, integrity, keywords
 from diffchat_jax.train import loop, run_config
 from diffchat_jax.utils import distributed, mesh as mesh_lib, metrics as metrics_lib
@@ -114,7 +115,7 @@ class Prompts:
 
 
 def load_prompts(config) -> Prompts:
-    model_dir = resolve_model_dir(config.model.name_or_path)
+    model_dir = bloom.resolve_model_dir(config.model.name_or_path)
     tokenizer = tokenizer_lib.load_tokenizer(model_dir)
     examples, report = examples_lib.load_examples(config.data.train, on_bad_row=config.data.on_bad_row,
                                                   max_chars=config.data.max_chars)

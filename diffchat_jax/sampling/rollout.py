@@ -81,6 +81,11 @@ class SamplingConfig:
         return tuple(name for name in self.order if on[name] and not (self.greedy and name in WARPERS))
 
 
+def banned_special_ids(tokenizer) -> tuple[int, ...]:
+    """The tokenizer's special ids other than EOS: SamplingConfig.banned_ids for any sampler of this project."""
+    return tuple(sorted(set(tokenizer.all_special_ids) - {tokenizer.eos_token_id}))
+
+
 @flax.struct.dataclass
 class Plan:
     """The arrays of an adm.AdmPlan (format and contract in diffchat_jax/text/adm.py); B = batch, K rows, L tokens."""
