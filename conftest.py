@@ -63,6 +63,12 @@ def tiny_sd(tiny_model_paths) -> str:
 
 
 @pytest.fixture(scope="session")
+def tiny_ip2p(tiny_model_paths) -> str:
+    """The random tiny InstructPix2Pix pipeline folder in the diffusers layout (diffchat_jax.diffusion.tiny)."""
+    return tiny_model_paths["ip2p"]
+
+
+@pytest.fixture(scope="session")
 def sft_dir(tiny_sft_run) -> str:
     """The tiny SFT model to start PPO from (the 8-epoch run above: PPO only needs a sensible start)."""
     return str(tiny_sft_run[0])

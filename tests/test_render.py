@@ -21,8 +21,9 @@ def sd(tiny_sd):
     return pipeline.load_pretrained(tiny_sd)
 
 
-def torch_pipeline(folder, solver):
-    pipe = diffusers.StableDiffusionPipeline.from_pretrained(folder)
+def torch_pipeline(folder, solver, kind=diffusers.StableDiffusionPipeline):
+    """diffusers' pipeline of `kind` from `folder`, with `solver`'s scheduler."""
+    pipe = kind.from_pretrained(folder)
     scheduler = getattr(diffusers, schedulers.DIFFUSERS_SCHEDULERS[solver])
     pipe.scheduler = scheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)

@@ -29,7 +29,8 @@ _PIPELINE_FILES = ["model_index.json", "*/config.json", "*/*.safetensors", "*/*.
 class StableDiffusion:
     """The modules of an SD 1.x pipeline (params travel separately, as {"text_encoder", "unet", "vae"}).
 
-    latent_channels, vae_scale: latents are [B, latent_channels, H / vae_scale, W / vae_scale];
+    latent_channels, vae_scale: latents are [B, latent_channels, H / vae_scale, W / vae_scale] (the VAE's latent
+    channels: the UNet of a text-to-image pipeline takes as many, InstructPix2Pix's twice as many, diffusion/ip2p.py);
     sample_size: the UNet's native latent size (images of sample_size * vae_scale pixels).
     """
     text_encoder: clip.CLIP
@@ -44,7 +45,7 @@ class StableDiffusion:
 
     @property
     def latent_channels(self) -> int:
-        return self.unet.config.in_channels
+        return self.vae.config.latent_channels
 
     @property
     def sample_size(self) -> int:

@@ -9,6 +9,9 @@ tensor names of SD 1.5 and SD 1.5's scheduler config, at one of these sizes:
            4x128; 256x256 images (32x32 latents: the deepest level is 4x4; at 2x2 XLA:CPU rewrites its 3x3 convs
            into slow reversed-kernel ones, which SD 1.5's 8x8 never meets)
     sd15   SD 1.5's architecture with random weights (860M UNet); 512x512 images (GPU benchmarks)
+
+`build_ip2p_pipeline(out_dir)` writes a tiny random InstructPix2Pix pipeline (StableDiffusionInstructPix2PixPipeline:
+the same, with a UNet of 8 input channels) for diffusion/ip2p.py.
 """
 import os
 
@@ -48,6 +51,31 @@ def build_pipeline(out_dir: str, size: str = "tiny", seed: int = 0) -> str:
     so any size builds offline; its vocabulary (514) sets the text encoder's.
     """
     import diffusers
+
+    parts = _components(size, seed, unet_in_channels=4)
+    pipe = diffusers.StableDiffusionPipeline(**parts, scheduler=diffusers.PNDMScheduler.from_config(SD15_SCHEDULER),
+                                             safety_checker=None, feature_extractor=None,
+                                             requires_safety_checker=False)
+    return _save(pipe, out_dir)
+
+
+def build_ip2p_pipeline(out_dir: str, seed: int = 0) -> str:
+    """Writes a random InstructPix2Pix pipeline (StableDiffusionInstructPix2PixPipeline) at the "tiny" size to
+    out_dir in the diffusers layout; returns out_dir. As build_pipeline's, but its UNet takes 8 input channels (the
+    noisy latents and the source image's latents) and the scheduler is timbrooks/instruct-pix2pix's
+    (Euler-ancestral, SD 1.5's schedule)."""
+    import diffusers
+
+    parts = _components("tiny", seed, unet_in_channels=8)
+    scheduler = diffusers.EulerAncestralDiscreteScheduler.from_config(SD15_SCHEDULER)
+    pipe = diffusers.StableDiffusionInstructPix2PixPipeline(**parts, scheduler=scheduler, safety_checker=None,
+                                                            feature_extractor=None, requires_safety_checker=False)
+    return _save(pipe, out_dir)
+
+
+def _components(size: str, seed: int, unet_in_channels: int) -> dict:
+    """Random {vae, text_encoder, tokenizer, unet} of `size` (torch seeded with `seed`)."""
+    import diffusers
     import torch
     import transformers
 
@@ -56,17 +84,17 @@ def build_pipeline(out_dir: str, size: str = "tiny", seed: int = 0) -> str:
         raise ValueError(f"unknown pipeline size {size!r}; known: {sorted(SIZES)}")
     spec = SIZES[size]
     torch.manual_seed(seed)
-    unet = diffusers.UNet2DConditionModel(in_channels=4, out_channels=4, **spec["unet"])
+    unet = diffusers.UNet2DConditionModel(in_channels=unet_in_channels, out_channels=4, **spec["unet"])
     vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, **spec["vae"])
     text_config = transformers.CLIPTextConfig(vocab_size=514, max_position_embeddings=77, hidden_act="quick_gelu",
                                               bos_token_id=512, eos_token_id=513, pad_token_id=513, **spec["text"])
     text_encoder = transformers.CLIPTextModel(text_config)
     tokenizer = tiny_clip_tokenizer()
     tokenizer.model_max_length = 77
-    scheduler = diffusers.PNDMScheduler.from_config(SD15_SCHEDULER)
-    pipe = diffusers.StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                             scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                             requires_safety_checker=False)
+    return dict(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet)
+
+
+def _save(pipe, out_dir: str) -> str:
     os.makedirs(out_dir, exist_ok=True)
     pipe.save_pretrained(out_dir, safe_serialization=True)
     return out_dir
