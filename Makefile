@@ -33,14 +33,15 @@ demo: install
 	$(PY) -m diffchat_jax.main --config=configs/sft.py:tiny --workdir=$(DEMO_WORKDIR)/sft
 	$(PY) -m diffchat_jax.main --config=configs/ppo.py:tiny --workdir=$(DEMO_WORKDIR)/ppo \
 	    --config.model.name_or_path=$(DEMO_WORKDIR)/sft
-	$(PY) -m diffchat_jax.main --config=configs/eval.py:tiny --workdir=$(DEMO_WORKDIR)/eval
+	$(PY) -m diffchat_jax.main --config=configs/eval.py:tiny --workdir=$(DEMO_WORKDIR)/eval \
+	    --config.demo_workdir=$(DEMO_WORKDIR)
 
 test: install
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q $(PYTEST_ARGS)
 
 # Every benchmark in turn (CPU: about 20 minutes); each prints its numbers and ratios against its anchor.
 bench: install
-	for b in sft_step rollout ppo_step ci_score scorers render; do $(PY) -m bench.$$b || exit 1; done
+	for b in sft_step rollout ppo_step ci_score scorers render eval; do $(PY) -m bench.$$b || exit 1; done
 
 clean:
 	rm -rf $(VENV) workdirs build *.egg-info

@@ -9,7 +9,7 @@ setuptools.setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=setuptools.find_packages(include=["diffchat_jax", "diffchat_jax.*"]),
-    package_data={"diffchat_jax.data": ["sample/*.jsonl"]},
+    package_data={"diffchat_jax.data": ["sample/*.jsonl"], "diffchat_jax.llm": ["templates/*.txt"]},
     install_requires=[
         "jax>=0.10",
         "flax>=0.12",
@@ -30,6 +30,8 @@ setuptools.setup(
         "tqdm>=4.66",
         "ml_dtypes>=0.5",  # bf16 tensors in safetensors files (single-file SD checkpoints)
         "pillow>=10",  # PNG files of rendered images (prompt in the metadata)
+        "openai>=1.40",  # OpenAI-compatible chat endpoints (the eval's openai: system; diffchat_jax/llm)
+        "matplotlib>=3.8",  # the eval's bar charts
     ],
     extras_require={
         # PyTorch reads .pth/.ckpt checkpoints (the LAION aesthetic MLP, HPS, old single-file SD models), builds the

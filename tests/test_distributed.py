@@ -43,3 +43,16 @@ def test_one_process_helpers_are_the_identity():
     np.testing.assert_array_equal(distributed.gather_rows(x), x)
     assert distributed.gather_objects([{"a": 1}, [2]]) == [{"a": 1}, [2]]
     assert distributed.any_process(True) and not distributed.any_process(False)
+
+
+def test_process_blocks_cover_the_rows_once_in_order(monkeypatch):
+    import jax
+    from diffchat_jax.utils import distributed
+    for total, count in [(6, 2), (7, 3), (2, 4), (0, 2)]:
+        monkeypatch.setattr(jax, "process_count", lambda: count)
+        blocks = []
+        for me in range(count):
+            monkeypatch.setattr(jax, "process_index", lambda: me)
+            blocks.append(distributed.process_block(total))
+        assert [r for b in blocks for r in b] == list(range(total))
+        assert max(map(len, blocks)) - min(map(len, blocks)) <= 1  # as even as it gets

@@ -11,6 +11,7 @@ from diffchat_jax.configs.ppo import TINY_MODELS
 from diffchat_jax.data import SAMPLE_PATH
 from diffchat_jax.errors import ConfigError
 
+DEMO_WORKDIR = "workdirs/demo"  # where `make demo` trains the tiny SFT and PPO models
 HPS = {  # eval.scorers.hps_version -> (weights, the transformers config of their architecture)
     "v1": ("", "openai/clip-vit-large-patch14"),  # the paper's citation (Wu et al. 2023): set hps_weights to hpc.pt
     "v2.0": ("xswu/HPSv2/HPS_v2_compressed.pt", "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"),
@@ -32,8 +33,23 @@ def get_config(arg=None):
     e.limit = 0  # the first N rows (0 = all)
     e.on_bad_row = "skip"  # "skip" (count and report) or "error"
     e.max_chars = 2000
-    # name -> identity | append | reference | file:PATH (eval/systems.py); the report keeps this order.
+    # name -> identity | append | reference | file:PATH | model:PATH | openai:MODEL | ip2p:PATH (eval/systems.py).
+    # The report lists them in name order (ml_collections sorts the keys).
     e.systems = ml_collections.ConfigDict({"user": "identity", "append": "append", "reference": "reference"})
+    # model: systems decode with (sampling/rewriter.py): greedy, or typical sampling keyed by seed (each row's draws
+    # depend on the seed and its row number only).
+    e.decoding = ml_collections.ConfigDict(dict(greedy=True, typical_mass=0.97, temperature=1.0, seed=0,
+                                                max_new_tokens=128, max_prompt_tokens=384, batch_size=16,
+                                                dtype="float32"))
+    # openai: systems: any OpenAI-compatible chat endpoint (diffchat_jax/llm); the key is read from the environment
+    # variable named here, never logged or stored; every reply is cached in <workdir>/llm_cache.sqlite.
+    e.llm = ml_collections.ConfigDict(dict(base_url="https://api.openai.com/v1", api_key_env="OPENAI_API_KEY",
+                                           temperature=0.0, max_tokens=256, timeout_s=60.0, max_retries=6,
+                                           backoff_s=1.0, max_backoff_s=60.0, concurrency=8, max_requests=0))
+    # ip2p: systems (InstructPix2Pix, diffusion/ip2p.py) edit each SD model's raw image with the instruction: its
+    # own scheduler (Euler ancestral), as many steps as config.render, and diffusers' guidance scales.
+    e.ip2p = ml_collections.ConfigDict(dict(solver="euler_ancestral", num_steps=c.render.get_ref("num_steps"),
+                                            guidance_scale=7.5, image_guidance_scale=1.5))
     # name -> SD 1.x checkpoint (hub id, diffusers folder or single file) rendered with the config.render settings.
     e.models = ml_collections.ConfigDict({"sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5"})
     e.metrics = ("pickscore", "aesthetic", "hps", "clip_score", "directional_clip", "ci")
@@ -61,6 +77,14 @@ def get_config(arg=None):
         c.tiny_models = TINY_MODELS
         models = c.get_ref("tiny_models")
         e.models = ml_collections.ConfigDict({"tiny": models + "/sd"})
+        # The tiny demo's SFT and PPO models (make demo writes them under demo_workdir) and the tiny random
+        # InstructPix2Pix of `python -m diffchat_jax.tiny_models`.
+        c.demo_workdir = DEMO_WORKDIR
+        demo = c.get_ref("demo_workdir")
+        e.systems = ml_collections.ConfigDict({
+            "user": "identity", "append": "append", "reference": "reference", "sft": "model:" + demo + "/sft",
+            "ppo": "model:" + demo + "/ppo", "ip2p": "ip2p:" + models + "/ip2p"})
+        e.decoding.max_new_tokens = 48  # as configs/ppo.py:tiny samples
         e.scorers.clip_model = models + "/scorers/clip"
         e.scorers.mlp_weights = models + "/scorers/aesthetic_mlp.pth"
         e.scorers.pickscore_model = e.scorers.hps_config = models + "/scorers/pickscore"

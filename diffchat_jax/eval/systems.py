@@ -1,15 +1,19 @@
 """The systems of the evaluation: each gives a target prompt for every test row (paper Table 1's methods).
 
-    specs = parse_systems({"user": "identity", "naive": "append", "ours": "file:runs/ours.jsonl"})
-    targets = target_prompts(specs["naive"], examples)       # [len(examples)] strings
+    specs = parse_systems({"user": "identity", "naive": "append", "ours": "model:workdirs/ppo"})
+    targets = fixed_targets(specs["naive"], examples)       # [len(examples)] strings
 
-Kinds built so far (`eval.systems` values):
+Kinds (`eval.systems` values):
   identity      the input prompt x unchanged (what the user starts from)
   append        x + ", " + i, the naive hand edit
   reference     the row's y (the dataset's own target prompt)
   file:PATH     precomputed target prompts, JSONL lines {"row": <0-based test row>, "target": "..."}; every row
                 once (any order), so another system's outputs are scored exactly like ours
-Still to come with the eval command (issue 15): model:PATH, openai:MODEL, ip2p:PATH.
+  model:PATH    a DiffChat model (an SFT or PPO workdir, or its export): sampling/rewriter.py with eval.decoding
+  openai:MODEL  an OpenAI-compatible chat endpoint (eval.llm), few-shot (diffchat_jax/llm/rewrite.py)
+  ip2p:PATH     the InstructPix2Pix image editor (diffusion/ip2p.py): it edits the raw image with the instruction and
+                has no target prompt, so no CI (the paper's "-"); its image-text metrics use the row's y
+The first four are computed here; the job (eval/job.py) runs the others, which it caches.
 """
 import dataclasses
 import json
@@ -20,26 +24,35 @@ from diffchat_jax.data.examples import Example
 from diffchat_jax.errors import ConfigError, DataError
 from diffchat_jax.text import integrity
 
-KINDS = ("identity", "append", "reference", "file")
+FIXED = ("identity", "append", "reference")  # no argument
+KINDS = (*FIXED, "file", "model", "openai", "ip2p")
+ARGUMENT = {"file": "PATH", "model": "PATH", "openai": "MODEL", "ip2p": "PATH"}
+NEEDS = {"PATH": "a path", "MODEL": "a model name"}
 
 
 @dataclasses.dataclass(frozen=True)
 class Spec:
-    """A parsed `eval.systems` entry: its name, kind and argument (the path of file:, empty otherwise)."""
+    """A parsed `eval.systems` entry: its name, kind and argument (a path or model name; empty for FIXED kinds)."""
     name: str
     kind: str
     arg: str = ""
 
+    @property
+    def edits_images(self) -> bool:
+        """An image editor: no target prompt (targets are None), images edited from the raw ones."""
+        return self.kind == "ip2p"
+
 
 def parse_spec(name: str, text: str) -> Spec:
     kind, _, arg = str(text).partition(":")
+    usage = ", ".join([*FIXED, *(f"{k}:{a}" for k, a in ARGUMENT.items())])
     if kind not in KINDS:
-        raise ConfigError(f"config.eval.systems.{name}: {text!r} is not a system; use one of identity, append, "
-                          f"reference, file:PATH")
-    if (kind == "file") != bool(arg):
+        raise ConfigError(f"config.eval.systems.{name}: {text!r} is not a system; use one of {usage}")
+    if (kind in ARGUMENT) != bool(arg.strip()):
         raise ConfigError(f"config.eval.systems.{name}: {text!r}: " +
-                          ("file: needs a path (file:PATH)" if kind == "file" else f"{kind} takes no argument"))
-    return Spec(name, kind, arg)
+                          (f"{kind}: needs {NEEDS[ARGUMENT[kind]]} ({kind}:{ARGUMENT[kind]})" if kind in ARGUMENT
+                           else f"{kind} takes no argument"))
+    return Spec(name, kind, arg.strip())
 
 
 def parse_systems(systems: Mapping[str, str]) -> dict[str, Spec]:
@@ -49,15 +62,18 @@ def parse_systems(systems: Mapping[str, str]) -> dict[str, Spec]:
     return {name: parse_spec(name, text) for name, text in systems.items()}
 
 
-def target_prompts(spec: Spec, examples: Sequence[Example]) -> list[str]:
-    """The system's target prompt for each example (row r = examples[r])."""
+def fixed_targets(spec: Spec, examples: Sequence[Example]) -> list[str]:
+    """The target prompt of an identity, append, reference or file: system for each example (row r =
+    examples[r])."""
     if spec.kind == "identity":
         return [e.x for e in examples]
     if spec.kind == "append":
         return [f"{e.x}, {e.i}" for e in examples]
     if spec.kind == "reference":
         return [e.y for e in examples]
-    return read_target_file(spec.arg, len(examples))
+    if spec.kind == "file":
+        return read_target_file(spec.arg, len(examples))
+    raise ValueError(f"{spec.kind}: systems are run by the eval job")
 
 
 def read_target_file(path: str, rows: int) -> list[str]:

@@ -189,6 +189,23 @@ def gather_objects(local: list) -> list:
     return [row for blob, n in zip(blobs, sizes) for row in json.loads(bytes(blob[:n]).decode("utf-8"))]
 
 
+def process_block(total: int) -> range:
+    """This process's share of `total` items that are not a device batch (eval rows): contiguous blocks, the first
+    `total % processes` of them one longer; everything with one process."""
+    import jax
+    count, me = jax.process_count(), jax.process_index()
+    size, extra = divmod(total, count)
+    start = me * size + min(me, extra)
+    return range(start, start + size + (me < extra))
+
+
+def barrier(name: str) -> None:
+    """Waits until every process got here (nothing with one process)."""
+    if active():
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(name)
+
+
 def any_process(flag: bool) -> bool:
     """True on every process when `flag` is True on any."""
     if not active():
