@@ -23,6 +23,17 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
 import pytest  # noqa: E402
 
 
+def pytest_collection_modifyitems(config, items):
+    """Test files with the most `slow` tests run first (each file's tests kept together and in order, so module
+    fixtures are built once): with xdist worksteal (.ci/run), long tests start early and
+    the run ends on short ones instead of one worker finishing a long end-to-end run while the other waits."""
+    slow = {}
+    for item in items:
+        slow[item.fspath] = slow.get(item.fspath, 0) + (item.get_closest_marker("slow") is not None)
+    order = {path: rank for rank, path in enumerate(dict.fromkeys(item.fspath for item in items))}
+    items.sort(key=lambda item: (-slow[item.fspath], order[item.fspath]))
+
+
 def pytest_unconfigure(config):
     """The process that made the run's compilation cache removes it."""
     if _OWN_CACHE:

@@ -153,8 +153,8 @@ def main():
         compile_s = first_s - best["ours"]
         prefill_flops, decode_flops = rollout_flops(model.config, args)
         ceiling = tokens / (prefill_flops / flops_per_s + (args.new - 1) * decode_gemm_seconds(model.config, args))
-        print(f"{shape:>10} {ours:>11.0f} {theirs:>12.0f} {ours / theirs:>6.2f} {compile_s:>10.1f} "
-              f"{ceiling:>24.0f} {ceiling / theirs:>10.2f}", flush=True)
+        print(f"{shape:>10} {ours:>11.4g} {theirs:>12.4g} {ours / theirs:>6.2f} {compile_s:>10.1f} "
+              f"{ceiling:>24.4g} {ceiling / theirs:>10.2f}", flush=True)
     roofline = tokens / ((prefill_flops + decode_flops) / flops_per_s)
     print(f"roofline at {shape}: {roofline:.0f} tok/s; ours {ours:.0f} tok/s = {ours / roofline:.2f} of it, "
           f"the GEMM-only ceiling {ceiling / roofline:.2f} of it")

@@ -12,6 +12,7 @@ from diffchat_jax.rewards import scorers
 from diffchat_jax.utils import mesh as mesh_lib
 
 
+@pytest.mark.slow
 def test_rows_are_means_of_direct_scores(tiny_model_paths):
     paths = {"clip_model": tiny_model_paths["clip"], "mlp_weights": tiny_model_paths["mlp_weights"],
              "pickscore_model": tiny_model_paths["pickscore"], "hps_weights": tiny_model_paths["hps"],

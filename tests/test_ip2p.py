@@ -65,6 +65,7 @@ def our_edit(model, params, solver, steps, images, seeds, guidance_scale, image_
 # same over 20 steps and with ddim; decoded images 1.8e-6; source latents 2.9e-6). One solver per test (each
 # compiles the whole edit, ~10 s on 2 CPU cores): dpmpp_2m (render's default, with a multistep state) here, ddim
 # unguided below; the solvers themselves are checked against diffusers in test_schedulers.py and test_render.py.
+@pytest.mark.slow
 def test_trajectory_and_image_match_the_diffusers_pipeline(tiny_ip2p, editor_model):
     """Same source images, instructions, negative prompts and initial noise (our seeds' latents, passed through
     `latents=`), guidance 7.5 / image guidance 1.5: the source latents, every step's latents, the decoded images and

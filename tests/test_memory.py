@@ -69,6 +69,7 @@ def tiny_ppo_config(tmp_path_factory, tiny_model_paths):
                                        "tiny_models": os.path.dirname(paths["sd"])})
 
 
+@pytest.mark.slow
 def test_ppo_report_has_every_step_and_grows_with_the_batch(tiny_ppo_config):
     small = memory.job_report(tiny_ppo_config, jax.devices()[:1])
     assert [s.name for s in small.steps] == PPO_STEPS
@@ -90,6 +91,7 @@ def test_ppo_report_has_every_step_and_grows_with_the_batch(tiny_ppo_config):
     assert set(payload["steps"]["update"]) == {"temp_gib", "args_gib", "out_gib", "peak_gib"}
 
 
+@pytest.mark.slow
 def test_sft_report_and_remat(tmp_path):
     config = sft_config.get_config("tiny")
     plain = memory.job_report(config, jax.devices()[:1])
@@ -109,6 +111,7 @@ def run_cli(*args):
                           capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_cli_json_and_fsdp_over_several_devices():
     one = run_cli("--config=configs/sft.py:tiny", "--json")
     assert one.returncode == 0, one.stderr

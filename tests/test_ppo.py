@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 from flax import traverse_util
 
 from diffchat_jax.models import bloom
@@ -220,6 +221,7 @@ MULTI_DEVICE_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_eight_devices_and_fsdp_give_the_same_update_as_one():
     stdout = helpers.run_on_8_cpu_devices(MULTI_DEVICE_SCRIPT)
     fields = stdout.split("MAXDIFF")[1].split()

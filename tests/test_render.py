@@ -134,6 +134,7 @@ def test_grid_places_images_row_major():
     assert g[0, 0, 0] == 0 and g[0, 3, 0] == 1 and g[2, 0, 0] == 2 and g[4, 0, 0] == 4 and g[4, 3, 0] == 0
 
 
+@pytest.mark.slow
 def test_renderer_sharded_over_8_devices_matches_one_device(tiny_sd):
     """The same prompts and seeds rendered with the batch split over 8 CPU devices and on one device."""
     out = helpers.run_on_8_cpu_devices(f"""

@@ -179,6 +179,7 @@ def reward_batch(images, responses):
                             images=images)
 
 
+@pytest.mark.slow
 def test_components_score_a_reward_batch_end_to_end(tiny):
     assert {"aesthetic", "pickscore"} <= set(base.registered())
     responses = ["a red cat on a sofa", "", "a castle on a hill " * 30]  # empty and over-long prompts
@@ -224,6 +225,7 @@ print(json.dumps({name: base.make_component(name, reward_config(tiny, batch_size
 """
 
 
+@pytest.mark.slow
 def test_components_on_8_devices_match_1_device(tiny):
     import json
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")

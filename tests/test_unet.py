@@ -81,6 +81,7 @@ def test_config_from_diffusers():
             unet.UNetConfig.from_diffusers({**SD15, key: value})
 
 
+@pytest.mark.slow
 def test_matches_diffusers(tiny):
     model, module, params = tiny
     forward = jax.jit(module.apply)

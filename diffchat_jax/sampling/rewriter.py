@@ -64,6 +64,13 @@ class Rewrites:
     lengths: list[int]  # [R] response tokens (EOS included)
 
 
+@functools.lru_cache(maxsize=8)
+def jitted_generate(model_config: bloom.BloomConfig, sampling: rollout.SamplingConfig):
+    """One jitted sampler per (architecture, sampling settings): rewriters of models of the same shape (the SFT and
+    PPO models of one run) share its compilations."""
+    return jax.jit(functools.partial(rollout.generate, bloom.Bloom(model_config), config=sampling))
+
+
 class Rewriter:
     """See the module docstring. `module`, `params`: a bloom.Bloom and its params; `tokenizer`: the model's."""
 
@@ -72,7 +79,7 @@ class Rewriter:
         self.mesh = mesh or mesh_lib.make_mesh(jax.local_devices())
         self.params = mesh_lib.replicate(params, self.mesh)
         self.key = mesh_lib.replicate(jax.random.PRNGKey(decoding.seed), self.mesh)
-        self._generate = jax.jit(functools.partial(rollout.generate, module, config=decoding.sampling(tokenizer)))
+        self._generate = jitted_generate(module.config, decoding.sampling(tokenizer))
 
     @classmethod
     def load(cls, path: str, decoding: Decoding = Decoding(), mesh=None) -> "Rewriter":
