@@ -147,7 +147,9 @@ def load_tokenizer(config, workdir: str, train_examples):
             return tokenizer_lib.load_tokenizer(path)
         corpus = tokenizer_lib.sample_corpus(train_examples)
         return tokenizer_lib.train_bpe_tokenizer(corpus, config.tokenizer.train_vocab_size, path)
-    return tokenizer_lib.load_tokenizer(config.tokenizer.name_or_path or config.model.name_or_path)
+    # A pretrained model given as its SFT workdir: the tokenizer of its export/.
+    return tokenizer_lib.load_tokenizer(config.tokenizer.name_or_path
+                                        or bloom.resolve_model_dir(config.model.name_or_path))
 
 
 def load_model(config, vocab_size: int, rng, abstract: bool = False):
@@ -156,7 +158,7 @@ def load_model(config, vocab_size: int, rng, abstract: bool = False):
     m = config.model
     param_dtype, compute_dtype = DTYPES[m.param_dtype], DTYPES[m.compute_dtype]
     if m.name_or_path:
-        module, params = bloom.load_pretrained(m.name_or_path, dtype=param_dtype, compute_dtype=compute_dtype,
+        module, params = bloom.load_pretrained(bloom.resolve_model_dir(m.name_or_path), dtype=param_dtype, compute_dtype=compute_dtype,
                                                abstract=abstract)
         model_config = module.config
     else:
