@@ -20,6 +20,13 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
 
 
+# The notebooks (colabs/, run by nbmake): Jupyter's and IPython's own folders, and the notebooks' outputs, in a
+# temporary folder, not the user's home or the repository.
+_NOTEBOOK_DIR = tempfile.mkdtemp(prefix="diffchat-jax-test-notebooks-")
+for _name in ("JUPYTER_CONFIG_DIR", "JUPYTER_DATA_DIR", "JUPYTER_RUNTIME_DIR", "IPYTHONDIR"):
+    os.environ.setdefault(_name, os.path.join(_NOTEBOOK_DIR, _name.lower()))
+os.environ.setdefault("DIFFCHAT_NOTEBOOK_DIR", os.path.join(_NOTEBOOK_DIR, "work"))
+
 import pytest  # noqa: E402
 
 
@@ -29,6 +36,8 @@ def pytest_collection_modifyitems(config, items):
     the run ends on short ones instead of one worker finishing a long end-to-end run while the other waits."""
     slow = {}
     for item in items:
+        if item.fspath.ext == ".ipynb":  # each notebook is a minute or more of real runs
+            item.add_marker(pytest.mark.slow)
         slow[item.fspath] = slow.get(item.fspath, 0) + (item.get_closest_marker("slow") is not None)
     order = {path: rank for rank, path in enumerate(dict.fromkeys(item.fspath for item in items))}
     items.sort(key=lambda item: (-slow[item.fspath], order[item.fspath]))
@@ -38,6 +47,7 @@ def pytest_unconfigure(config):
     """The process that made the run's compilation cache removes it."""
     if _OWN_CACHE:
         shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+    shutil.rmtree(_NOTEBOOK_DIR, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

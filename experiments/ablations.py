@@ -34,8 +34,8 @@ def parse_options(arg: str | None) -> dict:
     for token in filter(None, (arg or "").split(",")):
         key, sep, value = token.partition("=")
         if key not in options or (sep == "") != isinstance(options[key], bool):
-            raise ConfigError(f"experiments/ablations.py: option {token!r} is not one of tiny, sft=PATH, tiny_models=PATH, "
-                              f"seeds=N, epochs=N, eval")
+            raise ConfigError(f"experiments/ablations.py: option {token!r} is not one of tiny, sft=PATH, "
+                              f"tiny_models=PATH, seeds=N, epochs=N, eval")
         try:
             options[key] = True if not sep else type(options[key])(value)
         except ValueError:

@@ -89,6 +89,17 @@ def test_eval_config_checks_name_the_field():
         job.validate_config(config)
 
 
+def test_eval_config_variants():
+    from diffchat_jax.configs import eval as eval_config
+    assert sorted(eval_config.get_config("tiny").eval.systems) == ["append", "ip2p", "ppo", "reference", "sft", "user"]
+    # tiny,baselines: the systems that need no trained model (the evaluation notebook)
+    assert sorted(eval_config.get_config("tiny,baselines").eval.systems) == ["append", "ip2p", "reference", "user"]
+    with pytest.raises(ConfigError, match="baselines without tiny"):
+        eval_config.get_config("baselines")
+    with pytest.raises(ConfigError, match=r"unknown variant\(s\) \['huge'\]"):
+        eval_config.get_config("tiny,huge")
+
+
 def test_openai_system_in_the_eval_job(tmp_path, monkeypatch, capsys):
     """An openai: system end to end against the local fake server (a 500 first, retried): its target prompts in
     prompts/<name>.jsonl and its CI in the results; a rerun sends no request; a missing key stops the job before any

@@ -128,7 +128,8 @@ def test_run_skips_finished_runs_resumes_a_killed_one_and_goes_on_after_a_failur
                 Run("first", "configs/sft.py:tiny", tiny),
                 Run("broken", "configs/sft.py:tiny", {{**tiny, "data.train": "{{root}}/no-such-file.jsonl"}}),
                 Run("second", "configs/sft.py:tiny", {{**tiny, "model.name_or_path": "{{root}}/first/seed0",
-                                                       "model.random.n_layer": 0, "tokenizer.train_vocab_size": 0}}, needs=("first",)),
+                                                       "model.random.n_layer": 0, "tokenizer.train_vocab_size": 0}},
+                    needs=("first",)),
             ))
     """)
     root = tmp_path / "root"
@@ -263,3 +264,29 @@ def test_curves_are_smoothed_per_seed_then_averaged_on_common_steps():
     np.testing.assert_array_equal(steps, [1, 2])
     np.testing.assert_allclose(mean, [1.0, 2.0])
     np.testing.assert_allclose(std, [np.sqrt(2.0), 0.0])
+
+
+@pytest.mark.slow
+def test_parallel_runs_wait_for_their_needs_and_log_to_their_workdirs(tmp_path):
+    spec = write_spec(tmp_path / "spec.py", """
+        def get_sweep():
+            evaluation = {"eval.metrics": ("ci",), "eval.models": {}, "eval.systems": {"user": "identity"},
+                          "eval.limit": 3}
+            return Sweep(runs=(Run("a", "configs/eval.py:tiny,baselines", evaluation, seeds=(0, 1)),
+                               Run("b", "configs/eval.py:tiny,baselines", {**evaluation, "eval.limit": 2},
+                                   needs=("a",))))
+    """)
+    root = tmp_path / "root"
+    result = run_cli("run", spec, f"--root={root}", "--parallel=2")
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    started = [n for n, line in enumerate(lines) if ": starting in" in line]
+    finished = {line.split(":")[0]: n for n, line in enumerate(lines) if line.endswith(": finished")}
+    assert len(started) == 3 and started[1] == started[0] + 1  # both seeds of a at once
+    # b only once a had finished (its own process refuses to start before: exit 2, and the sweep would fail).
+    assert started[2] > min(finished["[1/3] a/seed0"], finished["[2/3] a/seed1"])
+    for job in ("a/seed0", "a/seed1", "b/seed0"):
+        log = (root / job / "sweep.log").read_text()
+        assert "results:" in log, log
+        rows = json.loads((root / job / "results.json").read_text())["results"]
+        assert {r["system"] for r in rows} == {"user"}

@@ -3,6 +3,9 @@
 Every system's target prompts are rendered with every SD model (same seeds per row as the row's raw image,
 rendered from x), scored by the chosen metrics and summarised in results.csv / results.json / report.md
 (diffchat_jax/eval/job.py). Rerunning the same command resumes: cached prompts, images and scores are kept.
+
+Variants: tiny (tiny random models on CPU: the demo's SFT and PPO models, the tiny InstructPix2Pix and the fixed
+systems); tiny,baselines (only the systems that need no trained model).
 """
 import ml_collections
 
@@ -21,9 +24,10 @@ HPS = {  # eval.scorers.hps_version -> (weights, the transformers config of thei
 
 def get_config(arg=None):
     variants = set(arg.split(",")) if arg else set()
-    if variants - {"tiny"}:
-        raise ConfigError(f"--config=configs/eval.py: unknown variant(s) {sorted(variants - {'tiny'})}; known: "
-                          f"['tiny']")
+    known = {"tiny", "baselines"}
+    if variants - known or "baselines" in variants and "tiny" not in variants:
+        raise ConfigError(f"--config=configs/eval.py: unknown variant(s) {sorted(variants - known)} or baselines "
+                          f"without tiny; known: 'tiny', 'tiny,baselines'")
     c = base.get_config()
     c.mode = "eval"
     e = c.eval = ml_collections.ConfigDict()
@@ -84,6 +88,8 @@ def get_config(arg=None):
         e.systems = ml_collections.ConfigDict({
             "user": "identity", "append": "append", "reference": "reference", "sft": "model:" + demo + "/sft",
             "ppo": "model:" + demo + "/ppo", "ip2p": "ip2p:" + models + "/ip2p"})
+        if "baselines" in variants:  # only the systems that need no training (no make demo first)
+            del e.systems["sft"], e.systems["ppo"]
         e.decoding.max_new_tokens = 48  # as configs/ppo.py:tiny samples
         e.scorers.clip_model = models + "/scorers/clip"
         e.scorers.mlp_weights = models + "/scorers/aesthetic_mlp.pth"
