@@ -290,3 +290,61 @@ def test_parallel_runs_wait_for_their_needs_and_log_to_their_workdirs(tmp_path):
         assert "results:" in log, log
         rows = json.loads((root / job / "results.json").read_text())["results"]
         assert {r["system"] for r in rows} == {"user"}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The CPU study's data (experiments/cpu_study.py).
+# ---------------------------------------------------------------------------------------------------------------
+def load_study():
+    import importlib.util
+    module_spec = importlib.util.spec_from_file_location("cpu_study", os.path.join(helpers.ROOT, "experiments",
+                                                                                     "cpu_study.py"))
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module
+
+
+def test_synthetic_edits_do_what_their_instruction_says():
+    study = load_study()
+    prompts = ["a castle on a hill, sunset, oil painting", "portrait of a knight, dramatic lighting",
+               "a red fox in the snow", "city street at night, neon, rain, cinematic"]
+    rows = study.synthetic_edits(prompts, copies=5, seed=0)
+    assert len(rows) == 20
+    kinds = set()
+    for row in rows:
+        x, i, y = row["input"], row["edit"], row["output"]
+        if i.startswith("add "):
+            kinds.add("add")
+            phrase = i[4:]
+            assert y in prompts and phrase in [p.strip() for p in y.split(",")]
+            assert [p.strip() for p in x.split(",")] == [p.strip() for p in y.split(",") if p.strip() != phrase]
+        elif i.startswith("turn the "):
+            kinds.add("swap")
+            old, new = i[len("turn the "):].split(" into ")
+            assert x in prompts and y.split() == [new if w == old else w for w in x.split()]
+        else:
+            kinds.add("style")
+            assert i.startswith("make it ") and y == f"{i[len('make it '):]}, {x}" and x in prompts
+    assert kinds == {"add", "swap", "style"}
+
+
+@pytest.mark.skipif(not os.path.isdir(os.path.join(helpers.ROOT, "..", "shared", "data")),
+                    reason="../shared/data is not here")
+def test_cpu_study_prepare_keeps_the_test_rows_out_of_training(tmp_path):
+    study = load_study()
+    sweep = load_spec(os.path.join(helpers.ROOT, "experiments", "cpu_study.py"))
+    assert [r.name for r in sweep.runs] == ["pretrain", "sft", "full", "no_adm_pos", "no_adm_neg", "no_vci"]
+    assert all(r.seeds == (0, 1, 2) and r.needs == ("sft",) and r.eval for r in sweep.runs[2:])
+    sweep.prepare(str(tmp_path))
+    data = {name: study.read_jsonl(str(tmp_path / "data" / f"{name}.jsonl"))
+            for name in ("train", "test", "pretrain", "sft")}
+    assert (len(data["train"]), len(data["test"])) == (400, study.TEST_ROWS)
+    test_text = {r[k] for r in data["test"] for k in ("input", "output")}
+    train_keys = {(r["input"], r["edit"]) for r in data["train"]}
+    assert not train_keys & {(r["input"], r["edit"]) for r in data["test"]}
+    assert train_keys <= {(r["input"], r["edit"]) for r in data["sft"]}
+    for name in ("pretrain", "sft"):  # no synthetic edit starts from or ends in a test caption
+        assert not {r[k] for r in data[name] for k in ("input", "output")} & (test_text - {
+            r[k] for r in data["train"] for k in ("input", "output")})
+    config = spec_lib.train_config(spec_lib.Job(sweep.run("no_vci"), 2), str(tmp_path))
+    assert (config.vci.alpha, config.seed, dict(config.reward.components)) == (0.0, 2, {"ci": 1.0})

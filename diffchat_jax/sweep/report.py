@@ -136,7 +136,8 @@ def table_rows(sweep: Sweep, results: list[RunResult], metrics: list[str]) -> li
 def format_cell(row: Row | None, digits: int = 3) -> str:
     if row is None:
         return "-"
-    return f"{row.mean:.{digits}g} ± {row.std:.2g} (n={row.n})" if row.n > 1 else f"{row.mean:.{digits}g}"
+    std = 0.0 if row.std <= 1e-9 * abs(row.mean) else row.std  # equal values summed in another order
+    return f"{row.mean:.{digits}g} ± {std:.2g} (n={row.n})" if row.n > 1 else f"{row.mean:.{digits}g}"
 
 
 def markdown_table(rows: list[Row], names: list[str], metrics: list[str]) -> str:
