@@ -193,3 +193,27 @@ def test_tiny_models_command_line(capsys):
         tiny_models.main(["tiny_models", "--bad"])
     tiny_models.main(["tiny_models", "--help"])
     assert "python -m diffchat_jax.tiny_models [OUT]" in capsys.readouterr().out
+
+
+def test_tiny_models_are_built_once_and_atomically(tiny_model_paths, tmp_path, monkeypatch, capsys):
+    """A complete folder is reused as it is (no file rewritten); a build that fails halfway leaves no folder and
+    no staging folder behind."""
+    from diffchat_jax import tiny_models
+    from diffchat_jax.diffusion import tiny
+    out = os.path.dirname(tiny_model_paths["sd"])
+    before = tree_digest(out)
+    mtimes = {p: os.stat(os.path.join(d, f)).st_mtime_ns for d, _, fs in os.walk(out) for f in fs
+              for p in [os.path.join(d, f)]}
+    tiny_models.main(["tiny_models", out])
+    printed = capsys.readouterr().out
+    assert f"tiny models already built in {out}" in printed and f"sd: {tiny_model_paths['sd']}" in printed
+    assert tiny_models.build(out) == tiny_model_paths
+    assert tree_digest(out) == before
+    assert {p: os.stat(p).st_mtime_ns for p in mtimes} == mtimes
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk full")
+    monkeypatch.setattr(tiny, "build_ip2p_pipeline", broken)
+    with pytest.raises(RuntimeError, match="disk full"):
+        tiny_models.build(str(tmp_path / "models"))
+    assert os.listdir(tmp_path) == []

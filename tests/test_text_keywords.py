@@ -134,3 +134,20 @@ def test_auto_uses_the_perceptron_when_its_data_loads(fresh_taggers, monkeypatch
 def test_unknown_tagger():
     with pytest.raises(ValueError, match="tagger must be one of"):
         kw.get_tagger("spacy")
+
+
+def test_english_wordnet_matches_nltks_reader():
+    """Our loader skips nltk's OMW mapping; lemmas and synsets must be exactly nltk's (its lemmatizer and its
+    stock `nltk.corpus.wordnet` reader) on a few hundred words of every POS."""
+    from nltk.corpus import wordnet as stock
+    from nltk.stem import WordNetLemmatizer
+    lemmatizer = WordNetLemmatizer()
+    words = sorted({w for line in open(kw.__file__, encoding="utf-8") for w in kw.split_words(line.lower())})
+    words += ["churches", "aardwolves", "abaci", "geese", "ran", "better", "snowing", "us", "leaves", "women"]
+    assert len(words) > 300
+    for pos in ("n", "v", "a", "r"):
+        for word in words:
+            assert kw.lemmatize(word, {"n": "NN", "v": "VB", "a": "JJ", "r": "RB"}[pos]) == \
+                lemmatizer.lemmatize(word, pos), (word, pos)
+            assert kw.get_wordnet().synsets(word, pos) == stock.synsets(word, pos), (word, pos)
+    assert kw.lemmatize("geese", "NNS") == "goose" and kw.lemmatize("ran", "VBD") == "run"

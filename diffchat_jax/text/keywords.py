@@ -35,11 +35,11 @@ Hot paths are cached: the tagger (built once), lemmas and synonyms (LRU caches).
 import dataclasses
 import functools
 import re
+import warnings
 from typing import Callable, NamedTuple
 
 import nltk
-from nltk.corpus import wordnet
-from nltk.stem import WordNetLemmatizer
+from nltk.corpus.reader.wordnet import WordNetCorpusReader
 from textblob import en as textblob_en
 
 from diffchat_jax.utils.validate import names, one_of
@@ -62,7 +62,6 @@ BOILERPLATE = frozenset({
 })
 WORDNET_POS = {"N": "n", "V": "v", "J": "a", "R": "r"}  # first letter of a Penn tag -> WordNet POS
 TAGGERS = ("auto", "perceptron", "pattern")
-_LEMMATIZER = WordNetLemmatizer()  # stateless; WordNet loads on first use
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,9 +79,26 @@ def from_config(ci) -> KeywordConfig:
                          stop_list=bool(ci.stop_list), tagger=ci.tagger)
 
 
+class EnglishWordNet(WordNetCorpusReader):
+    """nltk's WordNet reader, English only: without the map of this WordNet onto WordNet 3.0 that it builds for the
+    multilingual (OMW) data at load. nltk 3.9-3.10 compare the version "3.0" with the name "wordnet" there, so it
+    always builds that map: 3 of the 5.5 s a load takes. Synsets, lemmas and morphy are nltk's own."""
+
+    def map_wn(self, version="wordnet"):
+        return None
+
+
+@functools.cache
+def get_wordnet() -> EnglishWordNet:
+    """WordNet, loaded once per process (LookupError when nltk's data folders lack it)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The multilingual functions")  # no OMW reader: English only
+        return EnglishWordNet(nltk.data.find("corpora/wordnet"), None)
+
+
 def wordnet_available() -> bool:
     try:
-        wordnet.ensure_loaded()
+        get_wordnet()
     except LookupError:
         return False
     return True
@@ -123,7 +139,10 @@ def lemmatize(word: str, tag: str) -> str:
     """WordNet lemma of a word with its Penn tag; words with a tag WordNet lacks are only lower-cased."""
     word = word.lower()
     pos = WORDNET_POS.get(tag[:1])
-    return _LEMMATIZER.lemmatize(word, pos) if pos else word
+    if not pos:
+        return word
+    lemmas = get_wordnet()._morphy(word, pos)  # pylint: disable=protected-access  # as WordNetLemmatizer.lemmatize
+    return min(lemmas, key=len) if lemmas else word
 
 
 def split_words(text: str) -> list[str]:
@@ -181,7 +200,7 @@ def synonym_dict(word: str, pos: str) -> tuple[str, ...]:
     """The word, then the lemma names of its WordNet synsets in POS `pos` (multi-word names space-separated)."""
     names = [word]
     if pos in WORDNET_POS.values():
-        names += [" ".join(split_words(name.lower())) for synset in wordnet.synsets(word, pos)
+        names += [" ".join(split_words(name.lower())) for synset in get_wordnet().synsets(word, pos)
                   for name in synset.lemma_names()]
     # Like one-letter keywords, one-letter names ("c" for snow, "a" for ampere) would match initials and stray letters.
     return tuple(dict.fromkeys(name for name in names if len(name) > 1 or name == word))

@@ -2,8 +2,8 @@
 console."""
 import json
 import os
+import sys
 
-import tensorboardX
 import tqdm
 
 from diffchat_jax.utils import files
@@ -31,7 +31,7 @@ class MetricWriter:
     @property
     def _tb(self):
         if self._tb_writer is None:
-            self._tb_writer = tensorboardX.SummaryWriter(self.logdir, purge_step=self._purge_step)
+            self._tb_writer = import_tensorboardx().SummaryWriter(self.logdir, purge_step=self._purge_step)
         return self._tb_writer
 
     def write(self, step: int, scalars: dict[str, float]) -> None:
@@ -55,6 +55,20 @@ class MetricWriter:
             self._tb_writer.close()
         if self._jsonl is not None:
             self._jsonl.close()
+
+
+def import_tensorboardx():
+    """tensorboardX, imported without torch: it imports torch (3 s) only to accept torch tensors, and we give it
+    numpy arrays. Where torch is already imported, it is used as it is."""
+    if "torch" in sys.modules or "tensorboardX" in sys.modules:
+        import tensorboardX  # pylint: disable=import-outside-toplevel
+        return tensorboardX
+    sys.modules["torch"] = None  # makes `import torch` raise ImportError, which tensorboardX handles
+    try:
+        import tensorboardX  # pylint: disable=import-outside-toplevel
+    finally:
+        del sys.modules["torch"]
+    return tensorboardX
 
 
 def rewind_jsonl(path: str, key: str, step: int) -> None:
