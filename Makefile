@@ -7,7 +7,7 @@ STAMP := $(VENV)/.diffchat-installed
 DEMO_WORKDIR ?= workdirs/demo
 PYTEST_ARGS ?=
 
-.PHONY: install demo test bench nltk-data clean
+.PHONY: install demo test bench nltk-data chromium clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -18,7 +18,16 @@ $(STAMP): setup.py | $(PY)
 	$(PY) -m pip install --quiet "torch==2.13.0"
 	$(PY) -m pip install --quiet -e ".[test]"
 	$(PY) -m diffchat_jax.text.nltk_data || echo "continuing without WordNet (see the warning above)"
+	$(MAKE) --no-print-directory chromium
 	touch $(STAMP)
+
+# Debian's chromium, which the browser tests drive with Playwright (no browser download): apt-get as root where it
+# is missing, else a message saying how to get it.
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get install -y -q chromium >/dev/null || { apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null; }; \
+	  else echo "chromium is missing: the browser tests need it (Debian/Ubuntu: sudo apt-get install chromium)"; fi; }
 
 install: $(STAMP)
 

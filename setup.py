@@ -32,6 +32,7 @@ setuptools.setup(
         "pillow>=10",  # PNG files of rendered images (prompt in the metadata)
         "openai>=1.40",  # OpenAI-compatible chat endpoints (the eval's openai: system; diffchat_jax/llm)
         "matplotlib>=3.8",  # the eval's bar charts
+        "gradio>=6.0",  # the chat's browser app (python -m diffchat_jax.chat --web)
     ],
     extras_require={
         # PyTorch reads .pth/.ckpt checkpoints (the LAION aesthetic MLP, HPS, old single-file SD models), builds the
@@ -41,7 +42,7 @@ setuptools.setup(
         # CPU wheel locally.
         "torch": ["torch==2.13.0"],
         "test": ["torch==2.13.0", "pytest>=8", "pytest-xdist>=3.5", "filelock>=3.12", "chex>=0.1.90", "nbmake>=1.5",
-                 "ipykernel>=6"],
+                 "ipykernel>=6", "playwright>=1.50"],  # playwright drives Debian's chromium (no browser download)
     },
     entry_points={"console_scripts": ["diffchat-jax=diffchat_jax.main:run"]},
 )

@@ -10,10 +10,12 @@ import importlib.util
 import io
 import os
 import re
+import sys
 import tokenize
 
 import ml_collections
 
+from diffchat_jax import errors
 from diffchat_jax.errors import ConfigError
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
@@ -103,6 +105,20 @@ def prepare_argv(argv: list[str]) -> list[str]:
     for field in [m.group(1) for m in map(_OVERRIDE.match, argv) if m]:
         check_override(config, field)
     return argv
+
+
+def run_app(main, doc: str, argv: list[str] | None = None) -> None:
+    """Runs an absl entry point that takes --config: argv checked first (prepare_argv), --help printing `doc` and
+    the flags, and every error of `main(argv)` through errors.run_command (one line, an exit code)."""
+    from absl import app, flags  # pylint: disable=import-outside-toplevel
+    argv = errors.run_command(prepare_argv, sys.argv if argv is None else argv)
+    if any(a in ("--help", "-h", "--helpshort") for a in argv[1:]):
+        print(doc)
+        flags.FLAGS(argv[:1])
+        print(flags.FLAGS.main_module_help())
+        sys.exit(0)
+    flags.mark_flags_as_required(["config"])
+    app.run(lambda args: errors.run_command(main, args), argv=argv)
 
 
 # ----- --print_config ---------------------------------------------------------------------------------------------

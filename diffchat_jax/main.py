@@ -8,9 +8,8 @@ after the current step and exits (a second Ctrl-C exits at once).
 """
 import importlib
 import os
-import sys
 
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
 from diffchat_jax import cli, errors
@@ -40,6 +39,9 @@ def default_workdir(config_arg: str) -> str:
 
 
 def run_job(config, workdir: str, allow_config_change: bool = False):
+    if config.mode == "chat":
+        raise errors.ConfigError("configs/chat.py is the chat's config: python -m diffchat_jax.chat "
+                                 "--config=configs/chat.py[:tiny]")
     if config.mode not in TRAINERS:
         raise errors.ConfigError(f"config.mode {config.mode!r} is not one of {sorted(TRAINERS)}")
     distributed.initialize(config.distributed)  # before any other JAX call; one process: nothing to do
@@ -63,14 +65,7 @@ def main(argv):
 
 def run(argv=None):
     """Console-script entry (`diffchat-jax --config=...`)."""
-    argv = errors.run_command(cli.prepare_argv, sys.argv if argv is None else argv)
-    if any(a in ("--help", "-h", "--helpshort") for a in argv[1:]):
-        print(__doc__)
-        flags.FLAGS(argv[:1])
-        print(flags.FLAGS.main_module_help())
-        sys.exit(0)
-    flags.mark_flags_as_required(["config"])
-    app.run(lambda args: errors.run_command(main, args), argv=argv)
+    cli.run_app(main, __doc__, argv)
 
 
 if __name__ == "__main__":

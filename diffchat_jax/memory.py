@@ -41,7 +41,7 @@ if __name__ == "__main__":  # the device count must be set before jax starts
 import json  # noqa: E402
 
 import jax  # noqa: E402
-from absl import app, flags, logging  # noqa: E402
+from absl import flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from diffchat_jax import cli, errors  # noqa: E402
@@ -106,9 +106,7 @@ def main(argv):
 
 
 def run():
-    argv = errors.run_command(cli.prepare_argv, sys.argv)
-    flags.mark_flags_as_required(["config"])
-    app.run(lambda args: errors.run_command(main, args), argv=argv)
+    cli.run_app(main, __doc__)
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ def test_configs_resolve_from_any_folder(tmp_path, monkeypatch):
     own.write_text("")
     assert cli.resolve_config_arg("configs/ppo.py") == "configs/ppo.py"
     with pytest.raises(errors.ConfigError, match=r"--config: nope.py is not a file and not a packaged config "
-                                                 r"\(one of \['eval', 'ppo', 'sft'\]\)"):
+                                                 r"\(one of \['chat', 'eval', 'ppo', 'sft'\]\)"):
         cli.resolve_config_arg("nope.py")
 
 

@@ -61,3 +61,21 @@ def test_a_prompt_over_the_budget_keeps_the_start_of_x(sft_dir, rows):
     with pytest.raises(ConfigError, match="decoding.max_prompt_tokens"):
         rewriter.prompt_ids("a cat", "make it " + "very " * 200 + "snowy")
     assert max(out.lengths) <= 8
+
+
+def test_streamed_rewrite_gives_the_same_tokens_and_grows_in_order(sft_dir, rows):
+    """rewrite_streamed: the callback inside the jitted loop sees the text grow token by token, ends on the text
+    `rewrite` gives, and leaves it unchanged (greedy and seeded typical sampling)."""
+    for decoding in (rewriter_lib.Decoding(greedy=True, max_new_tokens=24),
+                     rewriter_lib.Decoding(greedy=False, typical_mass=0.9, seed=3, max_new_tokens=24)):
+        rewriter = rewriter_lib.Rewriter.load(sft_dir, decoding)
+        for row in rows[:3]:
+            seen = []
+            streamed = rewriter.rewrite_streamed(row.x, row.i, seen.append)
+            plain = rewriter.rewrite([row.x], [row.i])
+            assert streamed == plain
+            if plain.texts[0]:
+                assert seen and seen[-1] == plain.texts[0]
+                assert all(b.startswith(a) and b != a for a, b in zip(seen, seen[1:]))
+                assert len(seen) > 1  # token by token, not the whole at the end
+            assert "\ufffd" not in "".join(seen)

@@ -12,7 +12,7 @@ and the result says which rows were cut.
 """
 import dataclasses
 import functools
-from typing import Sequence
+from typing import Callable, Sequence
 
 import jax
 import numpy as np
@@ -80,6 +80,8 @@ class Rewriter:
         self.params = mesh_lib.replicate(params, self.mesh)
         self.key = mesh_lib.replicate(jax.random.PRNGKey(decoding.seed), self.mesh)
         self._generate = jitted_generate(module.config, decoding.sampling(tokenizer))
+        self._generate_streamed = jitted_generate(module.config,
+                                                  dataclasses.replace(decoding.sampling(tokenizer), stream=True))
 
     @classmethod
     def load(cls, path: str, decoding: Decoding = Decoding(), mesh=None) -> "Rewriter":
@@ -99,10 +101,32 @@ class Rewriter:
                 f"is {budget} tokens, but the instruction alone needs more: {i[:80]!r}")
         return fitted, True
 
+    def rewrite_streamed(self, x: str, instruction: str, on_text: Callable[[str], None]) -> Rewrites:
+        """rewrite([x], [instruction]), calling on_text(the target prompt so far) each time the drawn tokens add
+        text (a character split over tokens waits for its last one). The same tokens as `rewrite`: only a
+        callback is added to the jitted loop. on_text runs on JAX's callback thread, in token order."""
+        eos, tokens, shown = self.tokenizer.eos_token_id, [], [""]
+
+        def listen(step, row_tokens):
+            token = int(row_tokens[0])
+            if step != len(tokens) or (tokens and tokens[-1] == eos):
+                return  # after EOS (the loop runs on while other rows draw; there are none here)
+            tokens.append(token)
+            text = self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+            if text != shown[0] and not text.endswith("\ufffd"):
+                shown[0] = text
+                on_text(text)
+
+        with rollout.streaming(listen):
+            return self._rewrite([x], [instruction], None, self._generate_streamed)
+
     def rewrite(self, xs: Sequence[str], instructions: Sequence[str],
                 positions: Sequence[int] | None = None) -> Rewrites:
         """Target prompts of rows (xs[r], instructions[r]); positions: each row's place in the whole set (row r's
         draws use it; default 0 .. R-1), so a subset rewrites as it would in the whole set."""
+        return self._rewrite(xs, instructions, positions, self._generate)
+
+    def _rewrite(self, xs, instructions, positions, generate_fn) -> Rewrites:
         if len(xs) != len(instructions):
             raise ValueError(f"{len(xs)} prompts but {len(instructions)} instructions")
         if not len(xs):
@@ -117,7 +141,7 @@ class Rewriter:
         positions = np.arange(len(xs)) if positions is None else np.asarray(positions)
 
         def generate(ids, mask, positions):
-            out = self._generate(self.params, ids, mask, self.key, positions=positions)
+            out = generate_fn(self.params, ids, mask, self.key, positions=positions)
             return np.concatenate([np.asarray(out.tokens), np.asarray(out.mask).sum(1, keepdims=True)], axis=1)
 
         out = mesh_lib.map_in_chunks(generate, [ids, mask, positions.astype(np.int32)], self.decoding.batch_size,

@@ -25,11 +25,15 @@ Step t (the number of tokens generated so far, the same for every sample):
 import dataclasses
 import functools
 
+import contextlib
+import threading
+
 import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.experimental import io_callback
 
 from diffchat_jax.models import bloom
 from diffchat_jax.sampling import logits as logits_lib
@@ -55,6 +59,9 @@ class SamplingConfig:
     # Token ids never sampled, e.g. the tokenizer's special tokens other than EOS: a decoder drops them, so a
     # policy free to emit them can shorten its text without writing anything (reward hacking).
     banned_ids: tuple[int, ...] = ()
+    # After every step, hand (step, tokens [B]) to the listener of `streaming()` from inside the jitted loop (an
+    # ordered io_callback, so in step order): the chat shows a rewrite token by token. Off in training.
+    stream: bool = False
 
     def __post_init__(self):
         require(self.max_new_tokens >= 1, "sampling.max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
@@ -192,6 +199,28 @@ def emitted_logprob(logp: jax.Array, token: jax.Array, rules: Rules) -> jax.Arra
     return jax.nn.logsumexp(jnp.concatenate([own, moved], -1), -1)
 
 
+_LISTENER = None  # the function `streaming()` installed; called on JAX's callback thread
+_LISTENER_LOCK = threading.Lock()  # one streamed generation at a time
+
+
+@contextlib.contextmanager
+def streaming(listener):
+    """Within the block, a `generate` whose config has stream=True calls listener(step: int, tokens: [B] int32
+    numpy) after each step (tokens: the step's token of every row; pad once a row is done)."""
+    global _LISTENER  # pylint: disable=global-statement
+    with _LISTENER_LOCK:
+        _LISTENER = listener
+        try:
+            yield
+        finally:
+            _LISTENER = None
+
+
+def _emit(step, tokens) -> None:
+    if _LISTENER is not None:
+        _LISTENER(int(step), np.asarray(tokens))
+
+
 def push(rows: jax.Array, column: jax.Array) -> jax.Array:
     """rows [B, W] shifted left by one with column [B] appended (W may be 0)."""
     return jnp.concatenate([rows, column[:, None]], 1)[:, 1:]
@@ -218,6 +247,8 @@ def step(carry: Carry, logits: jax.Array, row_keys: jax.Array, config: SamplingC
     out = Rollout(tokens=carry.out.tokens.at[:, t].set(token), mask=carry.out.mask.at[:, t].set(live),
                   logprobs=carry.out.logprobs.at[:, t].set(logprob),
                   steered=carry.out.steered.at[:, t].set(live & (forced | steer)))
+    if config.stream:
+        io_callback(_emit, None, t, token, ordered=True)
     return carry.replace(step=t + 1, out=out, done=carry.done | (token == config.eos_id), token=token,
                          recent=push(carry.recent, token), queue=queue)
 
