@@ -50,7 +50,7 @@ test: install
 
 # Every benchmark in turn (CPU: about 20 minutes); each prints its numbers and ratios against its anchor.
 bench: install
-	for b in sft_step rollout ppo_step ci_score scorers render eval; do $(PY) -m bench.$$b || exit 1; done
+	for b in sft_step rollout ppo_step ci_score scorers render eval chat; do $(PY) -m bench.$$b || exit 1; done
 
 clean:
 	rm -rf $(VENV) workdirs build *.egg-info

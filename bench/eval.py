@@ -25,7 +25,7 @@ from diffchat_jax.rewards import image
 from diffchat_jax.sampling import rewriter as rewriter_lib
 from diffchat_jax.text import keywords
 
-BLOOM_SHAPES = {"tiny": (64, 2, 4), "small": (256, 4, 8)}  # hidden, layers, heads
+BLOOM_SHAPES = {"tiny": (64, 2, 4), "small": (256, 4, 8), "1b1": (1536, 24, 16)}  # hidden, layers, heads
 
 
 def parse_args():

@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -98,8 +99,10 @@ def make_chat(sft_dir, tiny_model_paths):
 
     def make(folder, **overrides):
         config = chat_config.get_config("tiny")
+        # Short rewrites and a small prompt budget: few prompt-length buckets, so few sampler compilations.
         helpers.override(config, model=sft_dir, tiny_models=os.path.dirname(tiny_model_paths["sd"]),
-                         session_dir=str(folder), **overrides)
+                         session_dir=str(folder), **{"decoding.max_new_tokens": 16,
+                                                     "decoding.max_prompt_tokens": 96, **overrides})
         return engine.Chat.from_config(config), config
     return make
 
@@ -132,10 +135,10 @@ def test_a_chat_session_end_to_end(make_chat, tiny_model_paths, tmp_path):
 
     commands.execute(chat, "/seed 7")
     commands.execute(chat, "/model two")
-    commands.execute(chat, "/steps 2")
+    commands.execute(chat, "/steps 3")
     odd = commands.execute(chat, "add <b>bold</b> & <script>alert(1)</script> 🎉 ünïcode").turn
-    assert (odd.seed, odd.model, odd.steps) == (7, "two", 2) and "🎉" in odd.instruction
-    long = commands.execute(chat, " ".join(["very"] * 400) + " red").turn
+    assert (odd.seed, odd.model, odd.steps) == (7, "two", 3) and "🎉" in odd.instruction
+    long = commands.execute(chat, " ".join(["very"] * 100) + " red").turn
     assert any("was cut to its first" in n for n in long.notes)
     assert commands.execute(chat, "/undo").turn.id == odd.id
     assert commands.execute(chat, "/redo").turn.id == long.id
@@ -171,20 +174,80 @@ def test_a_chat_session_end_to_end(make_chat, tiny_model_paths, tmp_path):
         commands.execute(chat, f"/open {tmp_path / 'plain.png'}")
 
 
+def chat_command(sft_dir, tiny_model_paths, session) -> list[str]:
+    return [sys.executable, "-m", "diffchat_jax.chat", "--config=configs/chat.py:tiny", f"--config.model={sft_dir}",
+            f"--config.tiny_models={os.path.dirname(tiny_model_paths['sd'])}", f"--config.session_dir={session}"]
+
+
 @pytest.mark.slow
 def test_the_command_line_runs_a_script_and_stops_at_a_bad_line(sft_dir, tiny_model_paths, tmp_path):
-    """Lines piped on stdin run as a script: comments and blank lines skipped, turns streamed and saved, and the
-    first refused line stops it with exit status 2 naming the line; nothing after it runs."""
-    flags = [f"--config.model={sft_dir}", f"--config.tiny_models={os.path.dirname(tiny_model_paths['sd'])}",
-             f"--config.session_dir={tmp_path / 'a'}"]
-    lines = "# a comment\na cat on a sofa\n\nmake it snow\n/seed 3\nmake it night\n/history\n/steps zero\nnever\n"
-    out = subprocess.run([sys.executable, "-m", "diffchat_jax.chat", "--config=configs/chat.py:tiny", *flags],
-                         cwd=helpers.ROOT, input=lines, capture_output=True, text=True, timeout=600)
+    """--script FILE: comments and blank lines skipped, turns streamed and saved, and the first refused line stops
+    it with exit status 2 naming the line; nothing after it runs."""
+    script = tmp_path / "turns.txt"
+    script.write_text("# a comment\na cat on a sofa\n\nmake it snow\n/seed 3\nmake it night\n/history\n"
+                      "/steps zero\nnever\n", encoding="utf-8")
+    out = subprocess.run([*chat_command(sft_dir, tiny_model_paths, tmp_path / "a"), f"--script={script}"],
+                         cwd=helpers.ROOT, capture_output=True, text=True, timeout=600)
     assert out.returncode == 2, out.stdout + out.stderr
     assert "y: " in out.stdout and "turn 2:" in out.stdout and "*   2  'make it night'" in out.stdout, out.stdout
     assert "error: line 8: /steps takes a whole number, got 'zero'" in out.stdout
     turns = json.loads((tmp_path / "a" / "session.json").read_text(encoding="utf-8"))["turns"]
     assert [t["instruction"] for t in turns] == [None, "make it snow", "make it night"] and turns[2]["seed"] == 3
+
+
+@pytest.mark.slow
+def test_the_terminal_in_a_pseudo_terminal(sft_dir, tiny_model_paths, tmp_path):
+    """Interactive (stdin is a terminal): a prompt, a refused line that changes nothing and does not stop the chat,
+    a streamed turn, /quit with status 0."""
+    import pty
+    import select
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(chat_command(sft_dir, tiny_model_paths, tmp_path / "tty"), cwd=helpers.ROOT,
+                            stdin=slave, stdout=slave, stderr=slave, close_fds=True)
+    os.close(slave)
+    seen = [""]
+
+    def read_until(text, timeout=300) -> None:
+        deadline = time.time() + timeout
+        while text not in seen[0]:
+            assert time.time() < deadline and proc.poll() is None, seen[0][-2000:]
+            if select.select([master], [], [], 1)[0]:
+                seen[0] += os.read(master, 65536).decode("utf-8", "replace")
+        seen[0] = seen[0].split(text, 1)[1]  # what came after it is read next
+
+    try:
+        read_until("Type a starting prompt")
+        os.write(master, "a cat on a sofa ☕\n".encode())
+        read_until("turn 0: a cat on a sofa ☕")
+        read_until("> ")
+        os.write(master, b"   \n")
+        read_until("error: the instruction is empty: no turn was made")
+        os.write(master, b"make it snow\n")
+        read_until("y: ")
+        read_until("turn 1:")
+        os.write(master, b"/quit\n")
+        assert proc.wait(timeout=60) == 0
+    finally:
+        proc.kill()
+        os.close(master)
+    assert len(json.loads((tmp_path / "tty" / "session.json").read_text(encoding="utf-8"))["turns"]) == 2
+
+
+def test_line_sources(tmp_path):
+    import io
+    from diffchat_jax.chat.__main__ import line_source
+    piped = io.StringIO("a cat\nmake it snow\n")
+    assert line_source(None, piped) == (piped, True)  # a pipe is a script
+    (tmp_path / "s.txt").write_text("a\nb\n", encoding="utf-8")
+    assert line_source(str(tmp_path / "s.txt"), piped) == (["a", "b"], True)
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+    lines, script = line_source(None, Terminal())
+    assert not script and not isinstance(lines, list)
+    with pytest.raises(engine.ConfigError, match="--script: cannot read"):
+        line_source(str(tmp_path / "missing.txt"), piped)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -227,8 +290,8 @@ def test_the_browser_app(make_chat, tiny_model_paths, tmp_path):
             page = browser.new_page(viewport={"width": 1300, "height": 900}, accept_downloads=True)
             page.goto(url)
             box = page.locator("#instruction textarea")
-            images = lambda n: page.wait_for_function(
-                f"document.querySelectorAll('#gallery img').length == {n}", timeout=180_000)
+            images = lambda n: page.wait_for_function(  # a loaded machine compiles slowly: a generous limit
+                f"document.querySelectorAll('#gallery img').length == {n}", timeout=600_000)
 
             box.fill("a cat sitting on a sofa")
             box.press("Enter")

@@ -37,6 +37,8 @@ def main(argv):
         raise errors.ConfigError(f"--config: {config_flags.get_config_filename(flags.FLAGS['config'])} is not a "
                                  "chat config (configs/chat.py is)")
     from diffchat_jax.chat import engine, terminal
+    if not _WEB.value:
+        lines, script = line_source(_SCRIPT.value, sys.stdin)  # a bad --script is told before the models load
     chat = engine.Chat.from_config(config, folder=_LOAD.value)
     if _LOAD.value:
         chat.load(_LOAD.value)
@@ -45,21 +47,23 @@ def main(argv):
         web.serve(chat, host=_HOST.value or config.web.host, port=_PORT.value or config.web.port,
                   share=_SHARE.value or config.web.share)
         return
-    script = _SCRIPT.value
-    if script is None and not sys.stdin.isatty():
+    sys.exit(terminal.run(chat, lines, script=script))
+
+
+def line_source(script: str | None, stdin) -> tuple:
+    """(the lines, whether they are a script): --script FILE, --script=- or a pipe on stdin, else the terminal."""
+    from diffchat_jax.chat import terminal
+    if script is None and not stdin.isatty():
         script = "-"
     if script is None:
-        code = terminal.run(chat, terminal.interactive_lines(), script=False)
-    elif script == "-":
-        code = terminal.run(chat, sys.stdin, script=True)
-    else:
-        try:
-            with open(script, encoding="utf-8") as f:
-                lines = f.read().splitlines()
-        except (OSError, UnicodeDecodeError) as e:
-            raise errors.ConfigError(f"--script: cannot read {script} ({e})") from None
-        code = terminal.run(chat, lines, script=True)
-    sys.exit(code)
+        return terminal.interactive_lines(), False
+    if script == "-":
+        return stdin, True
+    try:
+        with open(script, encoding="utf-8") as f:
+            return f.read().splitlines(), True
+    except (OSError, UnicodeDecodeError) as e:
+        raise errors.ConfigError(f"--script: cannot read {script} ({e})") from None
 
 
 def run(argv=None):

@@ -91,7 +91,8 @@ class Chat:
     # -----------------------------------------------------------------------------------------------------------
     # Rendering.
     # -----------------------------------------------------------------------------------------------------------
-    def _renderer(self, model: str, steps: int):
+    def renderer(self, model: str, steps: int):
+        """The renderer of a model at a step count, loaded and built once."""
         from diffchat_jax.diffusion import pipeline, render
         if model not in self._pipelines:
             self._pipelines[model] = (self._load_pipeline or pipeline.load_pretrained)(self.models[model])
@@ -106,7 +107,7 @@ class Chat:
         if turn.model not in self.models:
             raise ChatError(f"turn {turn.id} was rendered with model {turn.model!r}, which this chat does not have "
                             f"(render.models: {sorted(self.models)})")
-        return self._renderer(turn.model, turn.steps)([turn.prompt], [turn.seed])[0]
+        return self.renderer(turn.model, turn.steps)([turn.prompt], [turn.seed])[0]
 
     def _render_settings_json(self) -> dict:
         s = self.render_settings
