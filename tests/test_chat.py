@@ -235,7 +235,7 @@ def test_the_terminal_in_a_pseudo_terminal(sft_dir, tiny_model_paths, tmp_path):
 
 def test_line_sources(tmp_path):
     import io
-    from diffchat_jax.chat.__main__ import line_source
+    from diffchat_jax.chat.terminal import line_source
     piped = io.StringIO("a cat\nmake it snow\n")
     assert line_source(None, piped) == (piped, True)  # a pipe is a script
     (tmp_path / "s.txt").write_text("a\nb\n", encoding="utf-8")

@@ -38,7 +38,7 @@ def main(argv):
                                  "chat config (configs/chat.py is)")
     from diffchat_jax.chat import engine, terminal
     if not _WEB.value:
-        lines, script = line_source(_SCRIPT.value, sys.stdin)  # a bad --script is told before the models load
+        lines, script = terminal.line_source(_SCRIPT.value, sys.stdin)  # a bad --script is told before the models load
     chat = engine.Chat.from_config(config, folder=_LOAD.value)
     if _LOAD.value:
         chat.load(_LOAD.value)
@@ -48,22 +48,6 @@ def main(argv):
                   share=_SHARE.value or config.web.share)
         return
     sys.exit(terminal.run(chat, lines, script=script))
-
-
-def line_source(script: str | None, stdin) -> tuple:
-    """(the lines, whether they are a script): --script FILE, --script=- or a pipe on stdin, else the terminal."""
-    from diffchat_jax.chat import terminal
-    if script is None and not stdin.isatty():
-        script = "-"
-    if script is None:
-        return terminal.interactive_lines(), False
-    if script == "-":
-        return stdin, True
-    try:
-        with open(script, encoding="utf-8") as f:
-            return f.read().splitlines(), True
-    except (OSError, UnicodeDecodeError) as e:
-        raise errors.ConfigError(f"--script: cannot read {script} ({e})") from None
 
 
 def run(argv=None):

@@ -8,6 +8,7 @@ from typing import Iterable, TextIO
 
 from diffchat_jax.chat.commands import HELP, Quit, describe, execute
 from diffchat_jax.chat.engine import Chat, ChatError
+from diffchat_jax.errors import ConfigError
 
 
 class StreamPrinter:
@@ -42,6 +43,21 @@ def interactive_lines(prompt: str = "> ") -> Iterable[str]:
             return
 
 
+def line_source(script: str | None, stdin) -> tuple:
+    """(the lines, whether they are a script): --script FILE, --script=- or a pipe on stdin, else the terminal."""
+    if script is None and not stdin.isatty():
+        script = "-"
+    if script is None:
+        return interactive_lines(), False
+    if script == "-":
+        return stdin, True
+    try:
+        with open(script, encoding="utf-8") as f:
+            return f.read().splitlines(), True
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"--script: cannot read {script} ({e})") from None
+
+
 def run(chat: Chat, lines: Iterable[str], script: bool, out: TextIO = sys.stdout) -> int:
     """Runs lines until they end or /quit; returns the exit status."""
     if not script:
@@ -73,4 +89,4 @@ def run(chat: Chat, lines: Iterable[str], script: bool, out: TextIO = sys.stdout
     return 0
 
 
-__all__ = ["HELP", "StreamPrinter", "interactive_lines", "run"]
+__all__ = ["HELP", "StreamPrinter", "interactive_lines", "line_source", "run"]
